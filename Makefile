@@ -1,0 +1,52 @@
+# The README's commands. Every target sets up .venv idempotently (stamps), so on a fresh machine
+# `make demo` and `make test` are all a user types.
+#   VENV_FLAGS=--system-site-packages  reuse a preinstalled torch (e.g. on a GPU machine)
+#   TORCH_CUDA_ARCH_LIST, FORCE_CUDA, SMTC_FAST_NO_CUDA, SMTC_FAST_NO_EXTENSION, MAX_JOBS, DEBUG: see setup.py
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS := $(VENV)/.stamp-deps
+BUILT := $(VENV)/.stamp-built
+CSRC := $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: all venv build test test-slow test-cuda demo bench ctest clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+
+# torch: keep an installed torch >= 2.6 (never reinstall it on a machine that brought its own); otherwise
+# the regular PyPI build (a CUDA build that runs fine on the CPU; PyPI's torchvision needs it).
+$(DEPS): pyproject.toml Makefile | $(PY)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PY) -c "import torch, torchvision; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); assert v >= (2, 6)" 2>/dev/null \
+		|| $(PIP) install -q torch torchvision
+	$(PIP) install -q "timm>=1.0" numpy scipy pybind11 ninja pytest cmake tqdm pillow matplotlib
+	touch $@
+
+$(BUILT): $(DEPS) setup.py $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(DEPS)
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -c "import smtc_fast, json; print(json.dumps(smtc_fast.build_info(), indent=1))"
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS) python_tests
+
+test-slow: $(BUILT)
+	$(PY) -m pytest -m slow -q $(PYTEST_ARGS) python_tests
+
+demo: $(BUILT)
+	$(VENV)/bin/smtc demo
+
+bench: $(BUILT)
+	$(PY) bench/bench_ops.py --json bench_out/bench_ops.json
+
+clean:
+	rm -rf build *.egg-info smtc_fast/_C*.so $(BUILT)

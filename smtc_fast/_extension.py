@@ -1,0 +1,92 @@
+"""Loads smtc_fast._C once and says what it provides.
+
+The extension registers the `torch.ops.smtc_fast.*` operators (csrc/ops.cpp) and their CPU/CUDA kernels.
+Nothing here raises: a missing or broken extension only means the ops run their PyTorch references.
+"""
+import importlib
+import json
+import os
+
+import torch
+
+_RECORD_PATH = os.path.join(os.path.dirname(__file__), "_build_record.json")
+
+try:
+    _C = importlib.import_module("smtc_fast._C")  # registers the operators as a side effect
+
+    _LOAD_ERROR = None
+except Exception as exc:  # ImportError, or an undefined symbol from a stale build
+    _C = None
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def extension_loaded():
+    return _C is not None
+
+
+def force_reference():
+    """SMTC_FAST_FORCE_REFERENCE=1 routes every op to its PyTorch reference (read on every call)."""
+    return os.environ.get("SMTC_FAST_FORCE_REFERENCE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def has_kernel(device_type):
+    """True when the extension has kernels for this device type ('cpu' or 'cuda')."""
+    if _C is None:
+        return False
+    if device_type == "cpu":
+        return True
+    if device_type == "cuda":
+        return bool(_C.build_info()["cuda"])
+    return False
+
+
+def _read_record():
+    try:
+        with open(_RECORD_PATH) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def build_info():
+    """What was built and why anything is missing.
+
+    Returns a dict: extension (bool), cpu_kernels (bool), cuda_kernels (bool), cuda_archs (list of str),
+    torch_version, torch_cuda_version (None for CPU torch), compiled_torch_version, compiled_cuda_version,
+    cuda_available (a GPU is visible now), force_reference (SMTC_FAST_FORCE_REFERENCE is set),
+    ops (registered operator names), why_no_extension / why_no_cuda (None or a sentence).
+    """
+    record = _read_record()
+    info = {
+        "extension": _C is not None,
+        "cpu_kernels": False,
+        "cuda_kernels": False,
+        "cuda_archs": [],
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "compiled_torch_version": record.get("torch_at_build"),
+        "compiled_cuda_version": None,
+        "cuda_available": torch.cuda.is_available(),
+        "force_reference": force_reference(),
+        "ops": [],
+        "why_no_extension": None,
+        "why_no_cuda": None,
+    }
+    if _C is None:
+        info["why_no_extension"] = record.get("why_no_extension") or (
+            f"smtc_fast._C could not be imported ({_LOAD_ERROR}); "
+            "build it with `pip install --no-build-isolation -e .`"
+        )
+        info["why_no_cuda"] = info["why_no_extension"]
+        return info
+    compiled = _C.build_info()
+    info["cpu_kernels"] = True
+    info["cuda_kernels"] = bool(compiled["cuda"])
+    info["cuda_archs"] = list(record.get("cuda_archs", [])) if compiled["cuda"] else []
+    info["compiled_cuda_version"] = compiled.get("cuda_version") or None
+    info["ops"] = sorted(n for n in dir(torch.ops.smtc_fast) if not n.startswith("__"))
+    if not compiled["cuda"]:
+        info["why_no_cuda"] = record.get("why_no_cuda") or "the extension was built without CUDA"
+    elif not torch.cuda.is_available():
+        info["why_no_cuda"] = "CUDA kernels are built, but no GPU is visible on this machine"
+    return info

@@ -1,0 +1,56 @@
+"""`smtc`: one command line for the whole package.
+
+Each subcommand lives in the module that does the work; that module defines
+    add_arguments(parser)   every option, with its default and where that default comes from
+    run(args)               the job; returns an exit code (or None for 0)
+and is imported only when its subcommand runs, so `smtc --help` stays fast.
+"""
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "train": ("smtc_fast.train", "train SMTC (single process or torchrun DDP)"),
+    "eval-prop": ("smtc_fast.evaluate.propagation", "label propagation (DAVIS-2017 / JHMDB / VIP)"),
+    "eval-discovery": ("smtc_fast.evaluate.discovery", "object discovery (single and multiple objects)"),
+    "eval-masks": ("smtc_fast.evaluate.davis", "score PNG masks with the official DAVIS J&F"),
+    "visualize": ("smtc_fast.visualize", "render a checkpoint's semantic and instance masks on a clip"),
+    "bench": ("smtc_fast.benchmark", "time the kernels against their references"),
+    "demo": ("smtc_fast.demo", "the main job on an embedded default dataset"),
+}
+
+
+def _available(module):
+    return importlib.util.find_spec(module) is not None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="smtc", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    name = sys.argv[1] if len(sys.argv) > 1 else None
+    for cmd, (module, help_text) in COMMANDS.items():
+        if not _available(module):
+            continue
+        p = sub.add_parser(cmd, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(_module=module)
+        if cmd == name or name is None:  # import only the module that runs
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    module = importlib.import_module(args._module)
+    return module.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Shared plumbing of the public ops: input validation and the kernel-or-reference decision.
+
+Validation lives here so that the public function, the fake (meta) kernel and the reference raise the same
+clear errors; the C++ side repeats them with TORCH_CHECK for callers of `torch.ops.smtc_fast.*` directly.
+"""
+import os
+
+import torch
+
+from smtc_fast import _extension
+
+# Which dtypes each backend's kernels were compiled for (csrc/*/<op>_cpu.cpp, <op>_cuda.cpp).
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# Decided once at import: querying the extension inside a traced function would break torch.compile graphs.
+_KERNELS = {"cpu": _extension.has_kernel("cpu"), "cuda": _extension.has_kernel("cuda")}
+
+
+def use_kernel(x, dtypes=None):
+    """True when the compiled kernel serves tensor `x` (device and dtype), False -> use the reference."""
+    if os.environ.get("SMTC_FAST_FORCE_REFERENCE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    if not _KERNELS.get(x.device.type, False):
+        return False
+    if dtypes is None:
+        dtypes = CPU_DTYPES if x.device.type == "cpu" else CUDA_DTYPES
+    return x.dtype in dtypes
+
+
+def check_tensor(name, x, ndim=None, floating=True):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in ndims:
+            want = " or ".join(f"{d}-D" for d in ndims)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_same(name_a, a, name_b, b, dtype=True):
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+    if dtype and a.dtype != b.dtype:
+        raise ValueError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+
+
+def check_dim(name, x, dim, expected, what):
+    if x.shape[dim] != expected:
+        raise ValueError(f"{name}.shape[{dim}] ({what}) must be {expected}, got {x.shape[dim]} "
+                         f"(shape {tuple(x.shape)})")

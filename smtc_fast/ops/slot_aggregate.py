@@ -1,0 +1,111 @@
+"""Masked slot aggregation: one slot-attention step's attention and weighted mean, for both stages of
+SMTC's semantic-aware masked slot attention (official_smtc_spec.md §1.3).
+
+    slot_aggregate(logits, values, mask=None, eps=1e-8) -> (updates, attn)
+
+Stage 1 (semantic slots), `logits` (B, S, N) = q.k^T * scale, `mask` must be None:
+    attn    = softmax over the S slots (dim 1) + eps
+    attn    = attn / sum_n attn                      (renormalised over tokens; no eps in the denominator)
+    updates = attn @ values                          (B, S, D)
+Stage 2 (instance slots), `logits` (B, S, P, N), `mask` (B, S, N) or None:
+    attn    = softmax over the P instances of each semantic group (dim 2) + eps
+    attn    = attn * mask[:, :, None]                (the group's semantic mask; official: logits > 0.3)
+    attn    = attn / (sum_n attn + eps)              (eps in the denominator: an all-zero mask gives zeros)
+    updates = attn @ values                          (B, S, P, D)
+With mask=None in stage 2, the mask step is skipped and the denominator has no eps (plain slot attention
+over P slots per group).
+
+    values  (B, N, D)  same dtype and device as logits
+    mask    (B, S, N)  any real or bool tensor; used as a non-negative weight (binary in the official
+                       model, the soft semantic probability in its first release); not differentiated.
+    returns updates (B, S, D) | (B, S, P, D) and attn with the shape of logits (the normalised weights).
+
+Differentiable w.r.t. logits and values. The order of operations (softmax, +eps, *mask, sum, +eps,
+divide) is the official one, so the reference matches it bit for bit in float64.
+"""
+import torch
+
+from smtc_fast import _extension
+from smtc_fast.ops._common import check_dim, check_same, check_tensor, use_kernel
+
+
+def _check(logits, values, mask, eps):
+    check_tensor("logits", logits, (3, 4))
+    check_tensor("values", values, 3)
+    check_same("logits", logits, "values", values)
+    check_dim("values", values, 0, logits.shape[0], "batch B of logits")
+    check_dim("values", values, 1, logits.shape[-1], "tokens N of logits")
+    if mask is not None:
+        check_tensor("mask", mask, 3, floating=False)
+        if logits.dim() != 4:
+            raise ValueError("mask is only used in stage 2: logits must then be 4-D (B, S, P, N), "
+                             f"got shape {tuple(logits.shape)}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask must be on the device of logits ({logits.device}), got {mask.device}")
+        want = (logits.shape[0], logits.shape[1], logits.shape[3])
+        if tuple(mask.shape) != want:
+            raise ValueError(f"mask must have shape (B, S, N) = {want}, got {tuple(mask.shape)}")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def slot_aggregate_reference(logits, values, mask=None, eps=1e-8):
+    """Pure-PyTorch reference of `slot_aggregate` (same signature and results); the op's specification."""
+    _check(logits, values, mask, eps)
+    if logits.dim() == 3:  # stage 1: (B, S, N)
+        attn = logits.softmax(dim=1) + eps
+        attn = attn / attn.sum(dim=-1, keepdim=True)
+        return torch.einsum("bsn,bnd->bsd", attn, values), attn
+    attn = logits.softmax(dim=2) + eps  # (B, S, P, N)
+    if mask is not None:
+        attn = attn * mask.to(attn.dtype)[:, :, None]
+        attn = attn / (attn.sum(dim=-1, keepdim=True) + eps)
+    else:
+        attn = attn / attn.sum(dim=-1, keepdim=True)
+    return torch.einsum("bspn,bnd->bspd", attn, values), attn
+
+
+def slot_aggregate(logits, values, mask=None, eps=1e-8):
+    """Attention + weighted mean of one slot-attention step (stage 1 or 2, see the module docstring)."""
+    _check(logits, values, mask, eps)
+    if not use_kernel(logits):
+        return slot_aggregate_reference(logits, values, mask, eps)
+    stage1 = logits.dim() == 3
+    logits4 = logits.unsqueeze(1) if stage1 else logits  # stage 1 = one group of S slots: (B, 1, S, N)
+    mask_f = None if mask is None else mask.to(logits.dtype)
+    updates, attn = torch.ops.smtc_fast.slot_aggregate(logits4, values, mask_f, float(eps))
+    if stage1:
+        return updates.squeeze(1), attn.squeeze(1)
+    return updates, attn
+
+
+if _extension.extension_loaded():
+
+    @torch.library.register_fake("smtc_fast::slot_aggregate")
+    def _slot_aggregate_fake(logits, values, mask, eps):
+        torch._check(logits.dim() == 4, lambda: "logits must be 4-D (B, G, P, N)")
+        _check(logits, values, None, eps)
+        B, G, P, _ = logits.shape
+        return logits.new_empty((B, G, P, values.shape[2])), torch.empty_like(logits)
+
+    @torch.library.register_fake("smtc_fast::_slot_aggregate_backward")
+    def _slot_aggregate_backward_fake(grad_updates, grad_attn, logits, values, mask, attn, eps):
+        return torch.empty_like(logits), torch.empty_like(values)
+
+    def _setup_context(ctx, inputs, output):
+        logits, values, mask, eps = inputs
+        updates, attn = output
+        ctx.save_for_backward(logits, values, mask, attn)
+        ctx.eps = eps
+
+    def _backward(ctx, grad_updates, grad_attn):
+        logits, values, mask, attn = ctx.saved_tensors
+        if grad_updates is None:
+            grad_updates = torch.zeros((*attn.shape[:3], values.shape[2]), dtype=attn.dtype, device=attn.device)
+        if grad_attn is None:
+            grad_attn = torch.zeros_like(attn)
+        grad_logits, grad_values = torch.ops.smtc_fast._slot_aggregate_backward(
+            grad_updates.contiguous(), grad_attn.contiguous(), logits, values, mask, attn, ctx.eps)
+        return grad_logits, grad_values, None, None
+
+    torch.library.register_autograd("smtc_fast::slot_aggregate", _backward, setup_context=_setup_context)
