@@ -26,11 +26,12 @@ def _available(module):
     return importlib.util.find_spec(module) is not None
 
 
-def build_parser():
+def build_parser(argv=None):
     parser = argparse.ArgumentParser(prog="smtc", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    name = sys.argv[1] if len(sys.argv) > 1 else None
+    argv = sys.argv[1:] if argv is None else argv
+    name = argv[0] if argv else None
     for cmd, (module, help_text) in COMMANDS.items():
         if not _available(module):
             continue
@@ -43,7 +44,7 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
