@@ -1,0 +1,138 @@
+"""Real-video clip datasets: frame folders (YouTube-VOS / DAVIS `JPEGImages/<video>/*.jpg`) and video files.
+
+Sampling follows the official loader (spec §3.1): a video chosen uniformly at random, T frames `gap` apart around a
+uniform centre `c` in [gap*T//2, len - gap*T//2 - 1] (frames c + gap*(i - T//2)), the gap reduced by one when the
+video is too short; then a plain bilinear resize to the training size (no aspect ratio kept, like cv2.resize).
+Unlike the official loader, item `idx` is a pure function of (seed, idx), so runs are reproducible and a DDP run
+sees exactly the clips a single process would.
+Items: {"frames": (T, 3, H, W) float32 in [0, 1], "index": int}.
+"""
+import glob
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
+
+
+def clip_indices(num_available, num_frames, gap, rng):
+    """Official frame choice (spec §3.1) -> list of T frame indices into a video of `num_available` frames."""
+    half = gap * num_frames // 2
+    lo, hi = half, num_available - half - 1
+    if hi < lo and gap > 1:  # the official loader reduces the gap by one, once
+        gap -= 1
+        half = gap * num_frames // 2
+        lo, hi = half, num_available - half - 1
+    if hi < lo:  # still too short: clamp (the official loader would fail here)
+        centre = num_available // 2
+    else:
+        centre = rng.randint(lo, hi)
+    return [min(max(centre + gap * (i - num_frames // 2), 0), num_available - 1) for i in range(num_frames)]
+
+
+def resize_frames(frames, size):
+    """uint8 (T, H, W, 3) numpy or tensor -> float32 (T, 3, size[0], size[1]) in [0, 1], bilinear, no antialias."""
+    x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x.contiguous()
+
+
+class FrameFolderClips(torch.utils.data.Dataset):
+    """Clips from `root/JPEGImages/<video>/*.jpg` (or `root/<video>/*.jpg`); YouTube-VOS and DAVIS layouts."""
+
+    def __init__(self, root, num_frames=4, gap=4, size=(256, 256), seed=0, length=10000):
+        base = os.path.join(root, "JPEGImages")
+        base = base if os.path.isdir(base) else root
+        if os.path.isdir(os.path.join(base, "480p")):  # DAVIS
+            base = os.path.join(base, "480p")
+        self.videos = []
+        for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            files = sorted(glob.glob(os.path.join(base, name, "*.jpg")) + glob.glob(os.path.join(base, name, "*.png")))
+            if files:
+                self.videos.append(files)
+        if not self.videos:
+            raise ValueError(f"no video folders with .jpg frames under {base!r} (expected JPEGImages/<video>/*.jpg)")
+        self.num_frames, self.gap, self.size, self.seed, self.length = num_frames, gap, tuple(size), seed, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, idx):
+        rng = random.Random(self.seed * 1_000_003 + int(idx))
+        files = self.videos[rng.randrange(len(self.videos))]
+        ids = clip_indices(len(files), self.num_frames, self.gap, rng)
+        frames = [np.asarray(Image.open(files[i]).convert("RGB")) for i in ids]
+        return {"frames": resize_frames(np.stack(frames), self.size), "index": int(idx)}
+
+
+def _decode(path, wanted=None):
+    """Decode a video with PyAV -> list of uint8 (H, W, 3) frames (only up to max(wanted) when given)."""
+    import av
+
+    out = []
+    stop = None if wanted is None else max(wanted)
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if wanted is None or i in wanted:
+                out.append(frame.to_ndarray(format="rgb24"))
+            if stop is not None and i >= stop:
+                break
+    return out
+
+
+class VideoFileClips(torch.utils.data.Dataset):
+    """Clips from video files (mp4/avi/webm/...; decoded with PyAV). `root` is a file or a folder of files."""
+
+    def __init__(self, root, num_frames=4, gap=4, size=(256, 256), seed=0, length=10000):
+        if os.path.isfile(root):
+            self.files = [root]
+        else:
+            self.files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                                if f.lower().endswith(VIDEO_EXTENSIONS))
+        if not self.files:
+            raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) at {root!r}")
+        self.num_frames, self.gap, self.size, self.seed, self.length = num_frames, gap, tuple(size), seed, length
+        self._counts = {}
+
+    def __len__(self):
+        return self.length
+
+    def num_frames_of(self, path):
+        if path not in self._counts:  # containers' frame counts are unreliable: count by decoding once
+            import av
+
+            with av.open(path) as container:
+                self._counts[path] = sum(1 for _ in container.demux(video=0) if _.size > 0)
+        return self._counts[path]
+
+    def __getitem__(self, idx):
+        rng = random.Random(self.seed * 1_000_003 + int(idx))
+        path = self.files[rng.randrange(len(self.files))]
+        ids = clip_indices(self.num_frames_of(path), self.num_frames, self.gap, rng)
+        decoded = _decode(path, set(ids))
+        by_index = dict(zip(sorted(set(ids)), decoded))
+        if len(by_index) < len(set(ids)):  # fewer decodable frames than packets: reuse the last one
+            last = decoded[-1]
+            by_index = {i: by_index.get(i, last) for i in ids}
+        return {"frames": resize_frames(np.stack([by_index[i] for i in ids]), self.size), "index": int(idx)}
+
+
+def open_clips(source, num_frames=4, gap=4, size=(256, 256), seed=0, **synthetic_kwargs):
+    """A clip dataset from a source string: 'synthetic', a video file / folder of videos, or a frame-folder root."""
+    from smtc_fast.data.synthetic import SyntheticClips
+
+    if source == "synthetic":
+        return SyntheticClips(num_frames=num_frames, size=size, seed=seed, **synthetic_kwargs)
+    if os.path.isfile(source) and source.lower().endswith(VIDEO_EXTENSIONS):
+        return VideoFileClips(source, num_frames, gap, size, seed)
+    if os.path.isdir(source):
+        has_videos = any(f.lower().endswith(VIDEO_EXTENSIONS) for f in os.listdir(source))
+        if has_videos:
+            return VideoFileClips(source, num_frames, gap, size, seed)
+        return FrameFolderClips(source, num_frames, gap, size, seed)
+    raise ValueError(f"data source {source!r} is neither 'synthetic', a video file nor a directory")

@@ -1,0 +1,121 @@
+"""Semantic-aware masked slot attention: SMTC's two-stage slot decomposition (spec §1.3, paper Eqs. 5-7).
+
+Stage 1 decomposes every frame's fused features into S semantic slots; stage 2 splits each semantic slot into P
+instance slots, each group attending only to its semantic slot's mask. Both stages share the LayerNorms, the
+q/k/v projections and the MLP, and k, v are computed once. The attention + weighted mean of each step is the
+public op `smtc_fast.ops.slot_aggregate`.
+"""
+import torch
+import torch.nn as nn
+
+from smtc_fast.ops import slot_aggregate
+
+STAGE2_MASKS = ("logits", "prob", "soft")
+SLOT_UPDATES = ("residual", "gru")
+
+
+class SlotAttention(nn.Module):
+    """Two-stage masked slot attention. Parameter names follow the official checkpoint (spec §6).
+
+    stage2_mask: how stage 1 gates stage 2 (spec §1.3 / §5.1.4)
+        "logits"  official default: M = (stage-1 logits q.k/sqrt(D) > tau), tau 0.3
+        "prob"    paper Eq. 7: M = (softmax_S(stage-1 logits) > tau), tau 0.5
+        "soft"    first release (spec §2.5): M = softmax_S(stage-1 logits), no threshold
+    slot_update: "residual" (official: s + attn.v, then + MLP) or "gru" (paper Eq. 6: GRU(updates, s), then + MLP)
+    """
+
+    def __init__(self, num_slots=16, num_instances=4, dim=384, iters=3, eps=1e-8, stage2_mask="logits", tau=0.3,
+                 slot_update="residual"):
+        super().__init__()
+        if stage2_mask not in STAGE2_MASKS:
+            raise ValueError(f"stage2_mask must be one of {STAGE2_MASKS}, got {stage2_mask!r}")
+        if slot_update not in SLOT_UPDATES:
+            raise ValueError(f"slot_update must be one of {SLOT_UPDATES}, got {slot_update!r}")
+        if iters < 1:
+            raise ValueError(f"iters must be >= 1, got {iters}")
+        self.num_slots, self.num_instances, self.dim, self.iters, self.eps = num_slots, num_instances, dim, iters, eps
+        self.stage2_mask, self.tau, self.slot_update = stage2_mask, tau, slot_update
+        self.scale = dim ** -0.5
+
+        # Gaussian per semantic slot (spec §1.3): mu ~ N(0, 1); slots_sigma holds log(sigma), xavier-uniform init
+        # (so sigma ~ 0.97-1.03). Sampling is not reparameterised, hence sigma never trains (spec §1.5).
+        self.slots_mu = nn.Parameter(torch.randn(1, num_slots, 1, dim))
+        self.slots_sigma = nn.Parameter(torch.zeros(1, num_slots, 1, dim))
+        nn.init.xavier_uniform_(self.slots_sigma)
+
+        self.norm_input = nn.LayerNorm(dim)
+        self.norm_slots = nn.LayerNorm(dim)
+        self.norm_pre_ff = nn.LayerNorm(dim)
+        self.project_q = nn.Linear(dim, dim)
+        self.project_k = nn.Linear(dim, dim)
+        self.project_v = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        if slot_update == "gru":
+            self.gru = nn.GRUCell(dim, dim)
+
+    def _update(self, slots_prev, updates):
+        if self.slot_update == "gru":
+            shape = slots_prev.shape
+            slots = self.gru(updates.reshape(-1, self.dim), slots_prev.reshape(-1, self.dim)).reshape(shape)
+        else:
+            slots = slots_prev + updates
+        return slots + self.mlp(self.norm_pre_ff(slots))
+
+    def semantic_mask(self, logits):
+        """Stage-2 gate (B, S, N) from the stage-1 logits (B, S, N); never differentiated."""
+        logits = logits.detach()
+        if self.stage2_mask == "logits":
+            return (logits > self.tau).to(logits.dtype)
+        prob = logits.float().softmax(dim=1).to(logits.dtype)
+        return (prob > self.tau).to(logits.dtype) if self.stage2_mask == "prob" else prob
+
+    def forward(self, inputs, instance_noise=None):
+        """inputs (B, N, D) -> dict of
+            semantic_slots (B, S, D), semantic_logits (B, S, N)          last stage-1 iteration's q.k^T*scale
+            instance_slots (B, S, P, D), instance_logits (B, S, P, N)    last stage-2 iteration's logits
+        instance_noise (B, S, P, D): the standard-normal draw of the instance-slot initialisation
+        (init = mu + exp(log_sigma) * noise); drawn with torch.randn when None.
+        """
+        B, N, D = inputs.shape
+        S, P = self.num_slots, self.num_instances
+        if D != self.dim:
+            raise ValueError(f"inputs must have feature dim {self.dim}, got shape {tuple(inputs.shape)}")
+        x = self.norm_input(inputs)
+        k = self.project_k(x)  # (B, N, D), shared by both stages
+        v = self.project_v(x)
+
+        # Stage 1: deterministic init at mu (the same for every frame).
+        mu = self.slots_mu.squeeze(2)  # (1, S, D)
+        init = mu.expand(B, S, D)
+        slots = init
+        for t in range(self.iters):
+            q = self.project_q(self.norm_slots(slots))
+            sem_logits = torch.einsum("bsd,bnd->bsn", q, k) * self.scale  # (B, S, N)
+            updates, _ = slot_aggregate(sem_logits, v, eps=self.eps)
+            slots = self._update(slots, updates)
+            if t == self.iters - 2:
+                # Straight-through fixed point (spec §1.3): only the last iteration is backpropagated; the earlier
+                # ones pass an identity gradient to the initialisation.
+                slots = slots.detach() - init.detach() + init
+        semantic_slots = slots
+
+        # Stage 2: P Gaussian samples per semantic slot, independent per frame. Not reparameterised (spec §1.3:
+        # torch.normal), so the init carries no gradient to mu or sigma.
+        if instance_noise is None:
+            instance_noise = torch.randn(B, S, P, D, device=inputs.device, dtype=inputs.dtype)
+        elif tuple(instance_noise.shape) != (B, S, P, D):
+            raise ValueError(f"instance_noise must have shape (B*T, S, P, D) = {(B, S, P, D)}, "
+                             f"got {tuple(instance_noise.shape)}")
+        with torch.no_grad():
+            init = (self.slots_mu + self.slots_sigma.exp() * instance_noise.to(inputs.dtype)).detach()
+        mask = self.semantic_mask(sem_logits)  # (B, S, N)
+        slots = init
+        for t in range(self.iters):
+            q = self.project_q(self.norm_slots(slots))
+            ins_logits = torch.einsum("bspd,bnd->bspn", q, k) * self.scale  # (B, S, P, N)
+            updates, _ = slot_aggregate(ins_logits, v, mask=mask, eps=self.eps)
+            slots = self._update(slots, updates)
+            if t == self.iters - 2:
+                slots = slots.detach() - init.detach() + init
+        return {"semantic_slots": semantic_slots, "semantic_logits": sem_logits,
+                "instance_slots": slots, "instance_logits": ins_logits}

@@ -1,0 +1,246 @@
+"""The SMTC model (spec §1): backbone keys + correlation with the previous frame -> two-stage slot attention.
+
+    frames (B, T, 3, H, W) --encoder--> keys K_t (B*T, n, D), n = h*w
+    C_t = K_{t-1, resized to the training grid} . K_t^T          (B*T, n_train, n)   raw dot products (§1.2)
+    X_t = K_t + h_c(C_t)                                         h_c = transport_proj, Conv1d(n_train, D, 1)
+    slots = SlotAttention(X_t)                                   semantic (S) and instance (S x P) slots (§1.3)
+    proj  = L2norm(mlp_slot(instance slots))                     the L_obj embedding (§1.4)
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smtc_fast.models.backbone import ResNetBackbone, create_vit, vit_forward
+from smtc_fast.models.slot_attention import SlotAttention
+from smtc_fast.ops import correlation
+
+
+@dataclass
+class SMTCConfig:
+    """Model configuration. Defaults = the released checkpoint's model (spec §1, §6)."""
+    backbone: str = "vit_small_patch16_224"  # any timm ViT name, or "resnet50" (stride 8, paper Table 4)
+    patch_size: Optional[int] = None          # timm overrides for small test/demo models (None = the model's own)
+    depth: Optional[int] = None
+    img_size: Optional[int] = None            # the pretrained pos-embed grid = img_size / patch_size
+    drop_path_rate: float = 0.1               # DINO's default, active in the student only (spec §1.1)
+    resolution: Tuple[int, int] = (256, 256)  # training resolution: fixes transport_proj's in-dim (spec §1.2)
+    num_slots: int = 16
+    num_instances: int = 4
+    iters: int = 3                            # 3 in training, 5 in the official discovery evaluation
+    stage2_mask: str = "logits"               # "logits" (official, tau 0.3) | "prob" (paper Eq. 7, tau 0.5) | "soft"
+    tau: Optional[float] = None               # None -> 0.3 for "logits", 0.5 for "prob"
+    slot_update: str = "residual"             # "residual" (official) | "gru" (paper Eq. 6)
+    mlp_slot_hidden: Optional[int] = None     # None -> 2 * D (768 for ViT-S)
+
+    def __post_init__(self):
+        self.resolution = tuple(int(r) for r in self.resolution)
+        if len(self.resolution) != 2 or min(self.resolution) <= 0:
+            raise ValueError(f"resolution must be (H, W) > 0, got {self.resolution}")
+        for name in ("num_slots", "num_instances", "iters"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SMTCConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class SMTCOutput:
+    """Training forward outputs (spec §1.4). n = h*w tokens of the input frames."""
+    semantic_logits: torch.Tensor   # (B, T, S, n)     last stage-1 iteration's q.k^T*scale (pre-softmax)
+    keys: torch.Tensor              # (B, T, n, D)     backbone keys before fusion
+    semantic_slots: torch.Tensor    # (B, T, S, D)
+    instance_slots: torch.Tensor    # (B, T, S, P, D)
+    proj: torch.Tensor              # (B, T, S, P, D)  L2norm(mlp_slot(instance_slots))
+    instance_logits: torch.Tensor   # (B, T, S, P, n)
+    grid: Tuple[int, int]           # (h, w)
+
+
+@dataclass
+class SMTCPrediction:
+    """Inference outputs (spec §1.4), masks on the token grid (h, w)."""
+    semantic_mask: torch.Tensor     # (B, T, S, h, w)     softmax over S
+    instance_mask: torch.Tensor     # (B, T, S, P, h, w)  softmax over P times the semantic mask
+    similarity: torch.Tensor        # (B, T, S, P)        cos(semantic slot s, instance slot (s, p))
+    valid: torch.Tensor             # (B, T, S, P) bool   the L_obj validity filter (spec §2.4)
+    grid: Tuple[int, int]
+
+
+class SMTC(nn.Module):
+    def __init__(self, config: Optional[SMTCConfig] = None):
+        super().__init__()
+        config = config or SMTCConfig()
+        self.config = config
+        if config.backbone == "resnet50":
+            self.encoder = ResNetBackbone(key_dim=384)
+        else:
+            self.encoder = create_vit(config.backbone, drop_path_rate=config.drop_path_rate,
+                                      patch_size=config.patch_size, depth=config.depth, img_size=config.img_size)
+        D = self.encoder.embed_dim  # 384 for ViT-S
+        stride = self.encoder.stride
+        H, W = config.resolution
+        if H % stride or W % stride:
+            raise ValueError(f"resolution {config.resolution} must be divisible by the backbone stride {stride}")
+        self.train_grid = (H // stride, W // stride)
+        # h_c (spec §1.2): each target location's correlation vector over the training grid -> D.
+        self.transport_proj = nn.Conv1d(self.train_grid[0] * self.train_grid[1], D, kernel_size=1)
+        tau = config.tau if config.tau is not None else (0.5 if config.stage2_mask == "prob" else 0.3)
+        self.slot_attention = SlotAttention(config.num_slots, config.num_instances, D, config.iters,
+                                            stage2_mask=config.stage2_mask, tau=tau, slot_update=config.slot_update)
+        hidden = config.mlp_slot_hidden or 2 * D
+        self.mlp_slot = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, D))
+
+    def encode(self, frames, return_tokens=False):
+        """frames (B, T, 3, H, W) -> keys (B*T, n, D), tokens or None, (h, w)."""
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be (B, T, 3, H, W), got shape {tuple(frames.shape)}")
+        images = frames.flatten(0, 1)
+        if isinstance(self.encoder, ResNetBackbone):
+            return self.encoder(images, return_tokens=return_tokens)
+        return vit_forward(self.encoder, images, return_tokens=return_tokens)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module.load_state_dict, with an error that lists the missing and unexpected keys by name."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            own, given = set(self.state_dict()), set(state_dict)
+            raise RuntimeError(
+                f"state dict does not fit SMTC({self.config}):\n"
+                f"  missing keys ({len(own - given)}): {sorted(own - given)[:20]}\n"
+                f"  unexpected keys ({len(given - own)}): {sorted(given - own)[:20]}\n"
+                f"  torch: {str(exc)[:1500]}") from None
+
+    def fuse(self, keys, B, T, grid):
+        """keys (B*T, n, D) -> X (B*T, n, D) = keys + h_c(C) with the previous frame (cyclic, spec §1.2)."""
+        h, w = grid
+        D = keys.shape[-1]
+        ref = keys.transpose(1, 2).reshape(B * T, D, h, w)
+        if (h, w) != self.train_grid:  # only the reference is resized, so h_c's in-dim stays n_train
+            ref = F.interpolate(ref, size=self.train_grid, mode="bilinear", align_corners=False)
+        ref = ref.flatten(2).transpose(1, 2).reshape(B, T, -1, D)
+        ref = torch.roll(ref, shifts=1, dims=1).flatten(0, 1)  # frame t uses t-1; frame 0 uses T-1
+        corr = correlation(ref.contiguous(), keys.contiguous())  # (B*T, n_train, n), raw dot products
+        return keys + self.transport_proj(corr).transpose(1, 2)
+
+    def forward(self, frames, instance_noise=None):
+        """Training forward. frames (B, T, 3, H, W); instance_noise (B*T, S, P, D) or None -> SMTCOutput."""
+        B, T = frames.shape[:2]
+        keys, _, grid = self.encode(frames)
+        x = self.fuse(keys, B, T, grid)
+        out = self.slot_attention(x, instance_noise=instance_noise)
+        S, P = self.config.num_slots, self.config.num_instances
+        inst = out["instance_slots"]
+        proj = F.normalize(self.mlp_slot(inst), dim=-1)
+        n, D = keys.shape[1], keys.shape[2]
+        return SMTCOutput(
+            semantic_logits=out["semantic_logits"].reshape(B, T, S, n),
+            keys=keys.reshape(B, T, n, D),
+            semantic_slots=out["semantic_slots"].reshape(B, T, S, D),
+            instance_slots=inst.reshape(B, T, S, P, D),
+            proj=proj.reshape(B, T, S, P, D),
+            instance_logits=out["instance_logits"].reshape(B, T, S, P, n),
+            grid=grid,
+        )
+
+    @torch.no_grad()
+    def predict(self, frames, instance_noise=None):
+        """Inference (spec §1.4) at any input size divisible by the stride -> SMTCPrediction."""
+        from smtc_fast.losses import valid_instances
+
+        out = self.forward(frames, instance_noise=instance_noise)
+        B, T, S, P, n = out.instance_logits.shape
+        h, w = out.grid
+        sem = out.semantic_logits.float().softmax(dim=2)  # (B, T, S, n)
+        ins = out.instance_logits.float().softmax(dim=3) * sem[:, :, :, None]  # (B, T, S, P, n)
+        sim = (F.normalize(out.semantic_slots.float(), dim=-1)[:, :, :, None]
+               * F.normalize(out.instance_slots.float(), dim=-1)).sum(-1)  # (B, T, S, P)
+        valid = valid_instances(out.semantic_logits, out.semantic_slots, out.instance_slots) > 0
+        return SMTCPrediction(semantic_mask=sem.reshape(B, T, S, h, w), instance_mask=ins.reshape(B, T, S, P, h, w),
+                              similarity=sim, valid=valid, grid=(h, w))
+
+    def tokens(self, frames):
+        """Label-propagation features (spec §4.1): (B*T, h*w, D) un-normed last-block tokens, and (h, w)."""
+        _, tokens, grid = self.encode(frames, return_tokens=True)
+        return tokens, grid
+
+
+def _config_from_official(sd):
+    """Infer an SMTCConfig from an official state dict's shapes (spec §6)."""
+    S = sd["slot_attention.slots_mu"].shape[1]
+    n_train = sd["transport_proj.weight"].shape[1]
+    D = sd["transport_proj.weight"].shape[0]
+    patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
+    side = int(round(n_train ** 0.5))
+    if side * side != n_train:
+        raise ValueError(f"transport_proj in-dim {n_train} is not a square training grid")
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
+    names = {(384, 16): "vit_small_patch16_224", (384, 8): "vit_small_patch8_224", (768, 16): "vit_base_patch16_224",
+             (768, 8): "vit_base_patch8_224", (192, 16): "vit_tiny_patch16_224"}
+    if (D, patch) not in names:
+        raise ValueError(f"no timm ViT known for embed dim {D} and patch {patch}")
+    g = int(round((sd["encoder.pos_embed"].shape[1] - 1) ** 0.5))
+    return SMTCConfig(backbone=names[(D, patch)], depth=depth if depth != 12 else None,
+                      img_size=g * patch if g * patch != 224 else None, resolution=(side * patch, side * patch),
+                      num_slots=S)
+
+
+def load_checkpoint(path, config: Optional[SMTCConfig] = None, which="student", map_location="cpu"):
+    """Build an SMTC from a checkpoint file and say which kind it was.
+
+    Accepts: a released SMTC checkpoint ({'model_state_dict': ...}, official names, config inferred from shapes),
+    a DINO backbone file (flat ViT names; loaded into `encoder`, the head keeps its initialisation), or our own
+    training checkpoint ({'format': 'smtc_fast', 'config', 'student', 'teacher', ...}; `which` picks the weights).
+    Always strict, with `weights_only=True`. Returns (model, kind) with kind in {"official", "dino", "smtc_fast"}.
+    """
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    if ckpt.get("format") == "smtc_fast":
+        cfg = config or SMTCConfig.from_dict(json.loads(ckpt["model_config"]))
+        if which not in ("student", "teacher"):
+            raise ValueError(f"which must be 'student' or 'teacher', got {which!r}")
+        model = SMTC(cfg)
+        model.load_state_dict(ckpt[which], strict=True)
+        return model, "smtc_fast"
+    if "model_state_dict" in ckpt:
+        sd = ckpt["model_state_dict"]
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        model = SMTC(config or _config_from_official(sd))
+        model.load_state_dict(sd, strict=True)
+        return model, "official"
+    sd = ckpt.get("state_dict", ckpt.get("teacher", ckpt))  # DINO files: flat, or the full training ckpt
+    sd = {k.replace("module.", "", 1).replace("backbone.", "", 1): v for k, v in sd.items()}
+    if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
+        model = SMTC(config or SMTCConfig())
+        load_dino(model, sd)
+        return model, "dino"
+    raise ValueError(f"{path}: not an SMTC, smtc_fast or DINO checkpoint (top-level keys: {sorted(ckpt)[:10]})")
+
+
+def load_dino(model, state_dict_or_path):
+    """Load DINO ViT weights (flat timm/DINO names, no head) into model.encoder, strictly."""
+    sd = state_dict_or_path
+    if isinstance(sd, str):
+        sd = torch.load(sd, map_location="cpu", weights_only=True)
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    if isinstance(model.encoder, ResNetBackbone):
+        raise ValueError("DINO weights need a ViT backbone")
+    try:
+        model.encoder.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"DINO weights do not fit {model.config.backbone}: {str(exc)[:2000]}") from None
+    return model
