@@ -1,0 +1,165 @@
+"""`smtc eval-masks`: score any method's PNG masks with the official DAVIS J&F, faster.
+
+A drop-in for davis2017-evaluation's `evaluation_method.py`: the same DAVIS layout, the same per-sequence protocol
+(design/evaluation_protocols.md §1), the same printed tables and CSV files, the same numbers (to 1e-6 on the
+pinned fixtures). Differences, all deliberate:
+- too many object ids is an error with exit status 2 (the official code calls sys.exit() with status 0);
+- existing CSVs are overwritten, never silently reused (the official script reuses them, gotcha §0.6);
+- `--matching per-frame` gives the SMTC repository's lenient unsupervised protocol (§1.8), clearly labelled;
+- a JSON with full-precision global / per-object / per-frame values and an overlay image per sequence.
+
+    smtc eval-masks --davis-root DAVIS --results RESULTS --task semi-supervised
+    smtc eval-masks --davis-root DAVIS --results RESULTS --task unsupervised --matching per-frame
+"""
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from smtc_fast.evaluate import io as eio
+from smtc_fast.evaluate import metrics
+
+
+def add_arguments(parser):
+    parser.add_argument("--davis-root", required=True,
+                        help="DAVIS root holding JPEGImages/, Annotations[_unsupervised]/ and ImageSets/ "
+                             "(official --davis_path; its author-path default is useless, so required here)")
+    parser.add_argument("--results", required=True,
+                        help="folder with <seq>/<frame>.png indexed label maps (official --results_path)")
+    parser.add_argument("--task", default="unsupervised", choices=["semi-supervised", "unsupervised"],
+                        help="protocol (default from evaluation_method.py)")
+    parser.add_argument("--matching", default="official", choices=list(metrics.MATCHINGS),
+                        help="unsupervised only: 'official' = one Hungarian matching per sequence, <= 20 proposals "
+                             "(davis2017-evaluation); 'per-frame' = the SMTC repository's copy, per-frame matching, "
+                             "<= 300 proposals (protocol §1.8)")
+    parser.add_argument("--max-proposals", type=int, default=None,
+                        help="cap on proposal ids (default: 20 for official, 300 for per-frame matching)")
+    parser.add_argument("--set", default="val", help="subset: ImageSets/<year>/<set>.txt (default from "
+                                                       "evaluation_method.py)")
+    parser.add_argument("--resolution", default="480p", help="image / annotation folder (official default 480p)")
+    parser.add_argument("--sequences", nargs="*", default=None,
+                        help="score only these sequences (default: all of the set's list)")
+    parser.add_argument("--binary", action="store_true",
+                        help="DAVIS-2016 style: every non-zero GT / prediction value is one object (a 0/255 PNG "
+                             "would otherwise read 255 as void); sequence list from ImageSets/2016 when present")
+    parser.add_argument("--json", default=None,
+                        help="full-precision JSON summary (default: <results>/eval_masks-<task>-<set>.json)")
+    parser.add_argument("--overlays", default=None,
+                        help="folder for one overlay per sequence (default: <results>/overlays; '' = none)")
+
+
+def sequence_list(davis_root, task, subset, binary=False):
+    """Sequence names from ImageSets (2017 list; 2019 for the unsupervised test-dev / challenge sets, §1.1)."""
+    years = ["2019" if task == "unsupervised" and subset in ("test-dev", "test-challenge") else "2017"]
+    if binary:
+        years.insert(0, "2016")
+    for year in years:
+        path = os.path.join(davis_root, "ImageSets", year, f"{subset}.txt")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return [line.strip() for line in f if line.strip()]
+    raise eio.DataError(f"no sequence list: looked for ImageSets/{{{','.join(years)}}}/{subset}.txt in {davis_root}")
+
+
+def annotation_dir(davis_root, task, resolution="480p"):
+    sub = "Annotations" if task == "semi-supervised" else "Annotations_unsupervised"
+    path = os.path.join(davis_root, sub, resolution)
+    if not os.path.isdir(path):
+        raise eio.DataError(f"annotation folder not found: {path} (task {task!r} reads {sub}/{resolution})")
+    return path
+
+
+def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_proposals=None, binary=False):
+    """Read one sequence's GT and predictions and score it. Returns (J (K, T), F (K, T), frame ids, gt, pred)."""
+    ids = [os.path.splitext(os.path.basename(p))[0] for p in gt_paths]
+    gt = eio.read_label_stack(gt_paths)
+    if binary:
+        gt = (gt > 0).astype(np.uint8)
+    n_objects = int(np.where(gt[0] == 255, 0, gt[0]).max())  # §1.1: max id of the FIRST annotation
+    if task == "semi-supervised":  # §1.5: first and last frame are not scored
+        gt, ids = gt[1:-1], ids[1:-1]
+    pred_paths = [os.path.join(results_dir, seq, f"{i}.png") for i in ids]
+    pred = eio.read_label_stack(pred_paths, shape=gt.shape[1:])
+    if binary:
+        pred = (pred > 0).astype(np.uint8)
+    try:
+        J, F = metrics.evaluate_sequence(gt, pred, task, matching, max_proposals, n_objects=n_objects)
+    except metrics.TooManyObjectsError as e:
+        raise metrics.TooManyObjectsError(f"{os.path.join(results_dir, seq)}: {e}") from None
+    return J, F, ids, gt, pred
+
+
+def evaluate_davis(davis_root, results_dir, task, matching="official", subset="val", sequences=None,
+                   max_proposals=None, binary=False, resolution="480p", overlays_dir=None, progress=True):
+    """Score a results folder; returns the summary dict (also what --json writes)."""
+    ann_root = annotation_dir(davis_root, task, resolution)
+    seqs = sequences if sequences else sequence_list(davis_root, task, subset, binary)
+    per_object = {}
+    per_frame = {}
+    for seq in tqdm(seqs, desc="sequences", disable=not progress):
+        gt_paths = eio.list_frames(os.path.join(ann_root, seq), exts=(".png",))
+        J, F, ids, gt, pred = score_sequence(gt_paths, results_dir, seq, task, matching, max_proposals, binary)
+        for k in range(J.shape[0]):  # official keys seq_1..seq_K (for unsupervised: in proposal order, §1.6)
+            per_object[f"{seq}_{k + 1}"] = (J[k], F[k])
+            per_frame[f"{seq}_{k + 1}"] = {"frames": ids, "J": J[k].tolist(), "F": F[k].tolist()}
+        if overlays_dir:
+            _overlay(davis_root, resolution, seq, ids, gt, pred, overlays_dir)
+    glob, rows = metrics.summarize(per_object)
+    protocol = task if task == "semi-supervised" else f"unsupervised, {matching} matching"
+    return {"protocol": protocol, "task": task, "matching": matching if task == "unsupervised" else None,
+            "set": subset, "davis_root": os.path.abspath(davis_root), "results": os.path.abspath(results_dir),
+            "n_sequences": len(seqs), "n_objects": len(rows), "global": glob, "per_object": rows,
+            "per_frame": per_frame}
+
+
+def _overlay(davis_root, resolution, seq, ids, gt, pred, out_dir):
+    """Middle scored frame of the sequence: prediction | ground truth, each over the frame (skipped without JPEGs)."""
+    t = len(ids) // 2
+    jpg = os.path.join(davis_root, "JPEGImages", resolution, seq, f"{ids[t]}.jpg")
+    if not os.path.isfile(jpg):
+        return
+    eio.save_overlay(os.path.join(out_dir, f"{seq}.jpg"), eio.read_rgb(jpg), pred[t], gt[t])
+
+
+def print_tables(summary, subset, elapsed=None, file=sys.stdout):
+    """The two tables evaluation_method.py prints (global, then per sequence = per object)."""
+    g = summary["global"]
+    print(f"--------------------------- Global results for {subset} ---------------------------", file=file)
+    print(eio.format_table([g]), file=file)
+    print(f"\n---------- Per sequence results for {subset} ----------", file=file)
+    rows = [{"Sequence": k, "J-Mean": v["J-Mean"], "F-Mean": v["F-Mean"]} for k, v in summary["per_object"].items()]
+    print(eio.format_table(rows), file=file)
+    if elapsed is not None:
+        print(f"\nTotal time:{elapsed}", file=file)
+
+
+def write_outputs(summary, results_dir, subset, json_path):
+    """Official CSV names and %.3f (overwritten every run), plus our full-precision JSON and CSV."""
+    g = summary["global"]
+    eio.write_csv(os.path.join(results_dir, f"global_results-{subset}.csv"), [g], float_format="%.3f")
+    rows = [{"Sequence": k, "J-Mean": v["J-Mean"], "F-Mean": v["F-Mean"]} for k, v in summary["per_object"].items()]
+    eio.write_csv(os.path.join(results_dir, f"per-sequence_results-{subset}.csv"), rows, float_format="%.3f")
+    full = [{"object": k, **v} for k, v in summary["per_object"].items()]
+    eio.write_csv(os.path.splitext(json_path)[0] + "-per_object.csv", full)
+    eio.write_json(json_path, summary)
+
+
+def run(args):
+    t0 = time.time()
+    print(f"Evaluating sequences for the {args.task} task"
+          + (f" ({args.matching} matching)" if args.task == "unsupervised" else "") + "...")
+    overlays = os.path.join(args.results, "overlays") if args.overlays is None else args.overlays
+    try:
+        summary = evaluate_davis(args.davis_root, args.results, args.task, args.matching, args.set,
+                                 args.sequences, args.max_proposals, args.binary, args.resolution, overlays)
+    except (eio.DataError, metrics.TooManyObjectsError) as e:
+        print(f"smtc eval-masks: error: {e}", file=sys.stderr)
+        return 2
+    json_path = args.json or os.path.join(args.results, f"eval_masks-{args.task}-{args.set}.json")
+    summary["seconds"] = time.time() - t0
+    write_outputs(summary, args.results, args.set, json_path)
+    print_tables(summary, args.set, time.time() - t0)
+    print(f"\nwrote {json_path}")
+    return 0
