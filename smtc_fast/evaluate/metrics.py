@@ -16,6 +16,7 @@ Shapes: P proposals / predicted objects, G ground-truth objects, T frames, H x W
 Masks are numpy bool arrays; counts are int64 and ratios float64, as in the official numpy code.
 """
 import math
+import warnings
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -259,11 +260,9 @@ def db_statistics(per_frame):
     ids = np.round(np.linspace(1, len(v), n_bins + 1) + 1e-10) - 1
     ids = ids.astype(np.int64)
     bins = [v[ids[i]:ids[i + 1] + 1] for i in range(n_bins)]
-    with np.errstate(invalid="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=RuntimeWarning)
-            decay = np.nanmean(bins[0]) - np.nanmean(bins[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # an all-nan bin gives nan, as officially
+        decay = np.nanmean(bins[0]) - np.nanmean(bins[3])
     return float(mean), float(recall), float(decay)
 
 
@@ -362,7 +361,7 @@ def pck(preds, gts, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5)):
     if len(preds) != len(gts):
         raise ValueError(f"pck: {len(preds)} predictions but {len(gts)} ground truths")
     n_joints = None
-    dist = []
+    dist, used = [], []
     for i, (p, g) in enumerate(zip(preds, gts)):
         p = np.asarray(p, dtype=np.float64)
         g = np.asarray(g, dtype=np.float64)
@@ -372,30 +371,28 @@ def pck(preds, gts, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5)):
         vis = p[0] >= 0  # (J, T)
         gx = np.where(vis, g[0], np.nan)
         gy = np.where(vis, g[1], np.nan)
-        import warnings
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=RuntimeWarning)
-            # the official loop starts from min=1e6 / max=-1 and skips invisible joints
+            warnings.simplefilter("ignore", category=RuntimeWarning)  # all-nan frames (nothing visible)
+            # the official loop starts from min = 1e6 / max = -1 and skips invisible joints (fmin/fmax drop nan)
             minx = np.fmin(np.nanmin(gx, axis=0), 1e6)
             miny = np.fmin(np.nanmin(gy, axis=0), 1e6)
             maxx = np.fmax(np.nanmax(gx, axis=0), -1)
             maxy = np.fmax(np.nanmax(gy, axis=0), -1)
-        minx = np.where(np.isnan(minx), 1e6, minx)
-        miny = np.where(np.isnan(miny), 1e6, miny)
-        maxx = np.where(np.isnan(maxx), -1, maxx)
-        maxy = np.where(np.isnan(maxy), -1, maxy)
         box = 0.6 * np.hypot(maxx - minx, maxy - miny)  # (T,)
-        d = np.hypot(p[0] - g[0], p[1] - g[1]) / box[None]  # (J, T)
-        d = np.where(vis, d, np.nan)
-        d[:, 0] = np.nan  # frame 0 is the given annotation
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.hypot(p[0] - g[0], p[1] - g[1]) / box[None]  # (J, T); 0/0 = nan counts as a miss, as there
+        counted = vis.copy()
+        counted[:, 0] = False  # frame 0 is the given annotation
         dist.append(d)
+        used.append(counted)
     dist = np.concatenate(dist, axis=1)  # (J, sum T)
+    used = np.concatenate(used, axis=1)
     out = {}
     for a in thresholds:
         per_joint = []
         for j in range(dist.shape[0]):
-            dj = dist[j][~np.isnan(dist[j])]
-            per_joint.append(100.0 * np.sum(dj <= a) / len(dj) if len(dj) else np.nan)
+            n = used[j].sum()
+            per_joint.append(100.0 * np.sum(dist[j][used[j]] <= a) / n if n else np.nan)
         out[a] = float(np.mean(per_joint))
     return out
 
