@@ -71,6 +71,8 @@ class TrainConfig:
     moco: Optional[str] = None         # MoCo ResNet-50 weights (backbone 'resnet50')
     init: Optional[str] = None         # start from an SMTC checkpoint (official or ours), student = teacher
     resume: Optional[str] = None       # a checkpoint to continue, or 'auto' = <output>/last.pt if it exists
+    stop_at: Optional[int] = None      # end this run after this many steps (with a checkpoint), as an interruption
+                                       # would; the schedule still spans `steps`, and --resume continues
     seed: int = 0
     workers: int = 2
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
@@ -269,14 +271,16 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
     is_main = rank == 0
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
-    torch.manual_seed(cfg.seed + rank)  # official: seed + rank for every library (spec §3.3)
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
 
-    # ---- model, teacher, optimiser
+    # ---- model, teacher, optimiser. Every rank builds the same initial weights (the teacher is copied before DDP
+    # would broadcast rank 0's student), then the RNGs are seeded per rank as the official code does (spec §3.3).
+    torch.manual_seed(cfg.seed)
     student = SMTC(model_cfg)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
     if cfg.dino:
         load_dino(student, cfg.dino)
     if cfg.moco:
@@ -425,14 +429,15 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
                 bar.set_postfix(loss=f"{record['loss']:.4f}", sem=f"{record['sem']:.3f}",
                                 reg=f"{record['reg']:.3f}", obj=f"{record['obj']:.3f}")
                 bar.update(1)
-            interrupted = stats[5].item() > 0
+            interrupted = stats[5].item() > 0 or (cfg.stop_at is not None and step >= cfg.stop_at)
             if is_main and (step % cfg.save_every == 0 or step == cfg.steps or interrupted):
                 save_checkpoint(ckpt_path, student, teacher, optimizer, step, cfg, model_cfg)
             summary["step"] = step
             if interrupted:
                 if is_main:
                     print(f"interrupted: checkpoint saved at step {step} to {ckpt_path}", file=sys.stderr)
-                summary["exit_code"] = EXIT_INTERRUPTED
+                if stop["signal"] is not None:
+                    summary["exit_code"] = EXIT_INTERRUPTED
                 break
             if world > 1:
                 dist.barrier()  # nobody starts the next step while rank 0 writes
