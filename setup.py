@@ -27,6 +27,27 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _find_cuda_home():
+    """CUDA_HOME for torch.utils.cpp_extension, set before it is imported.
+
+    torch guesses the toolkit from `which nvcc`, which is wrong where nvcc is a wrapper script outside the
+    toolkit (/usr/local/bin/nvcc here -> /usr/local, without the CUDA headers). Keep an explicit
+    CUDA_HOME/CUDA_PATH; otherwise take the first candidate that has both bin/nvcc and the runtime headers.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _write_record(record):
     with open(RECORD, "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
@@ -39,6 +60,7 @@ def _extensions():
         record["why_no_cuda"] = record["why_no_extension"]
         _write_record(record)
         return [], {}
+    _find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -49,14 +71,16 @@ def _extensions():
 
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fvisibility=hidden"]
+    # -fopenmp-simd: honour `omp simd` (no OpenMP runtime); -fno-trapping-math: lets GCC if-convert the
+    # selects in the vectorised exp (csrc/common/math.h). No -ffast-math: NaN/inf semantics are kept.
+    cxx += ["-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math"]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
-    nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
+    nvcc += ["--expt-relaxed-constexpr"]
     define_macros = [] if debug else [("NDEBUG", None)]
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    cuda_only_cpp = [s for s in sources if s.endswith("_cuda.cpp")]
+    cuda_only_cpp = [s for s in sources if s.endswith("_cuda_ops.cpp")]  # torch-facing CUDA wrappers
 
     use_cuda, why = False, None
     if _flag("SMTC_FAST_NO_CUDA"):

@@ -9,6 +9,9 @@ import os
 
 import torch
 
+# Public operators (csrc/ops.cpp); each also has a private `_<name>_backward` where differentiable.
+OPS = ("correlation", "slot_aggregate", "sinkhorn", "propagate_labels")
+
 _RECORD_PATH = os.path.join(os.path.dirname(__file__), "_build_record.json")
 
 try:
@@ -84,7 +87,7 @@ def build_info():
     info["cuda_kernels"] = bool(compiled["cuda"])
     info["cuda_archs"] = list(record.get("cuda_archs", [])) if compiled["cuda"] else []
     info["compiled_cuda_version"] = compiled.get("cuda_version") or None
-    info["ops"] = sorted(n for n in dir(torch.ops.smtc_fast) if not n.startswith("__"))
+    info["ops"] = [n for n in OPS if hasattr(torch.ops.smtc_fast, n)]
     if not compiled["cuda"]:
         info["why_no_cuda"] = record.get("why_no_cuda") or "the extension was built without CUDA"
     elif not torch.cuda.is_available():

@@ -1,0 +1,235 @@
+"""Time the three ops' kernels against their PyTorch references (and peers) at SMTC's training shapes.
+
+    python bench/bench_ops.py [--json bench_out/bench_ops.json] [--device cpu|cuda] [--quick]
+
+Shapes (performance_anchors.md §0): 128 frames (32 clips x 4), N = M = 256 tokens, D = 384, S = 16, P = 4;
+Sinkhorn on 384 problems of 256 x 256 (32 clips x 12 ordered frame pairs), eps 0.05, 3 iterations.
+Every (op, impl, pass) runs in a fresh subprocess so that its peak memory (CPU: peak RSS above the inputs;
+GPU: torch.cuda.max_memory_allocated above the inputs) is its own; all rows of one run are measured side
+by side on the same machine, so compare them as ratios. Writes a JSON list of records
+{"op", "impl", "pass", "shape", "median_ms", "peak_mb", "environment"} (the environment header: CPU/GPU,
+torch, threads, commit).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shapes(quick):
+    if quick:
+        return dict(frames=16, pairs=48, N=256, D=384, S=16, P=4)
+    return dict(frames=128, pairs=384, N=256, D=384, S=16, P=4)
+
+
+def make_case(op, impl, quick, device):
+    """Returns (fn(requires_grad_inputs) -> output tensor(s), inputs, shape string)."""
+    import torch
+    import torch.nn.functional as F
+
+    from smtc_fast import ops
+
+    s = shapes(quick)
+    g = torch.Generator().manual_seed(0)
+    if op == "correlation":
+        a = torch.randn(s["pairs"], s["N"], s["D"], generator=g).to(device)
+        b = torch.randn(s["pairs"], s["N"], s["D"], generator=g).to(device)
+        fn = {"kernel": ops.correlation, "reference": ops.correlation_reference}.get(impl)
+        if impl == "compiled_reference":
+            fn = torch.compile(ops.correlation_reference, dynamic=False)
+        return fn, (a, b), f"a=b=({s['pairs']},{s['N']},{s['D']})"
+    if op == "slot_aggregate":
+        B, S, P, N, D = s["frames"], s["S"], s["P"], s["N"], s["D"]
+        l1 = torch.randn(B, S, N, generator=g).to(device)
+        l2 = torch.randn(B, S, P, N, generator=g).to(device)
+        v = torch.randn(B, N, D, generator=g).to(device)
+        mask = (l1 > 0.3).float()
+        agg = {"kernel": ops.slot_aggregate, "reference": ops.slot_aggregate_reference}.get(impl)
+        if impl == "compiled_reference":
+            agg = torch.compile(ops.slot_aggregate_reference, dynamic=False)
+
+        def three_iterations(l1, l2, v):  # both stages, 3 iterations' worth (spec §1.3)
+            outs = []
+            for _ in range(3):
+                outs.append(agg(l1, v)[0])
+            for _ in range(3):
+                outs.append(agg(l2, v, mask)[0])
+            return outs
+
+        return three_iterations, (l1, l2, v), f"B={B},S={S},P={P},N={N},D={D},3+3 iters"
+    if op == "sinkhorn":
+        B, N, D = s["pairs"], s["N"], 64
+        fi = F.normalize(torch.randn(B, N, D, generator=g), dim=-1)
+        fj = F.normalize(torch.randn(B, N, D, generator=g), dim=-1)
+        cost = (1 - fi @ fj.transpose(1, 2)).contiguous().to(device)
+        lmu = torch.log_softmax(torch.randn(B, N, generator=g), -1).to(device)
+        lnu = torch.log_softmax(torch.randn(B, N, generator=g), -1).to(device)
+        if impl == "pot":
+            import ot
+
+            def pot(cost, lmu, lnu):
+                res = ot.batch.solve_batch(cost, 0.05, a=lmu.exp(), b=lnu.exp(), method="log_sinkhorn",
+                                           max_iter=3, tol=0.0)
+                return res.plan
+
+            return pot, (cost, lmu, lnu), f"({B},{N},{N}),eps=0.05,iters=3"
+        fn = {"kernel": ops.sinkhorn, "reference": ops.sinkhorn_reference}.get(impl)
+        if impl == "compiled_reference":
+            fn = torch.compile(ops.sinkhorn_reference, dynamic=False)
+        return (lambda c, m, n: fn(c, m, n, eps=0.05, iters=3)), (cost, lmu, lnu), f"({B},{N},{N}),eps=0.05,iters=3"
+    raise ValueError(op)
+
+
+def run_one(op, impl, pass_, quick, device, repeats):
+    """Measured in this (fresh) process: median time and peak memory above the inputs."""
+    import torch
+
+    if impl == "reference":
+        os.environ["SMTC_FAST_FORCE_REFERENCE"] = "1"
+    fn, inputs, shape = make_case(op, impl, quick, device)
+    grad_idx = {"correlation": (0, 1), "slot_aggregate": (0, 1, 2), "sinkhorn": (0,)}[op]
+    inputs = [x.requires_grad_(pass_ == "fwdbwd" and i in grad_idx) for i, x in enumerate(inputs)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        out = fn(*inputs)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        if pass_ == "fwdbwd":
+            torch.autograd.backward([o for o in outs], [torch.ones_like(o) for o in outs])
+            for x in inputs:
+                x.grad = None
+        sync()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up (compilation, first-touch) and the peak-memory measurement
+    if device == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"op": op, "impl": impl, "pass": pass_, "shape": shape, "median_ms": statistics.median(times),
+            "peak_mb": round(peak_mb, 1), "device": device}
+
+
+def environment(device):
+    import torch
+
+    import smtc_fast
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except Exception:
+        commit = None
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except Exception:
+        pass
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu, "commit": commit,
+           "device": device, "python": platform.python_version(), "build_info": smtc_fast.build_info()}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+PLAN = [  # (op, impl, passes)
+    ("correlation", "kernel", ("fwd", "fwdbwd")),
+    ("correlation", "reference", ("fwd", "fwdbwd")),
+    ("slot_aggregate", "kernel", ("fwd", "fwdbwd")),
+    ("slot_aggregate", "reference", ("fwd", "fwdbwd")),
+    ("slot_aggregate", "compiled_reference", ("fwd", "fwdbwd")),
+    ("sinkhorn", "kernel", ("fwd", "fwdbwd")),
+    ("sinkhorn", "reference", ("fwd", "fwdbwd")),
+    ("sinkhorn", "compiled_reference", ("fwd",)),
+    ("sinkhorn", "pot", ("fwd",)),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="write the records here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="an eighth of the training batch (a smoke test)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", default=None, help="comma-separated ops to run")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd references")
+    parser.add_argument("--_child", nargs=3, metavar=("OP", "IMPL", "PASS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        rec = run_one(*args._child, args.quick, args.device, args.repeats)
+        print("RESULT " + json.dumps(rec))
+        return
+    records = []
+    print(f"{'op':16s} {'impl':20s} {'pass':7s} {'median ms':>10s} {'peak MB':>9s}")
+    for op, impl, passes in PLAN:
+        if args.only and op not in args.only.split(","):
+            continue
+        if impl == "compiled_reference" and args.no_compile:
+            continue
+        if impl == "pot":
+            try:
+                import ot  # noqa: F401
+            except ImportError:
+                print(f"{op:16s} {impl:20s} skipped (pip install pot to compare)")
+                continue
+        for pass_ in passes:
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--repeats",
+                   str(args.repeats), "--_child", op, impl, pass_] + (["--quick"] if args.quick else [])
+            env = dict(os.environ)
+            env.pop("SMTC_FAST_FORCE_REFERENCE", None)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"{op:16s} {impl:20s} {pass_:7s} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            rec = json.loads(line[0][7:])
+            records.append(rec)
+            print(f"{op:16s} {impl:20s} {pass_:7s} {rec['median_ms']:10.1f} {rec['peak_mb']:9.1f}", flush=True)
+    print("\nratios (reference or peer time / kernel time, same run):")
+    by = {(r["op"], r["impl"], r["pass"]): r for r in records}
+    for (op, impl, pass_), r in sorted(by.items()):
+        k = by.get((op, "kernel", pass_))
+        if impl != "kernel" and k:
+            print(f"  {op:16s} {pass_:7s} {impl:20s} {r['median_ms'] / k['median_ms']:7.1f}x"
+                  f"   peak memory {r['peak_mb']:.0f} MB vs kernel {k['peak_mb']:.0f} MB")
+    if args.json:
+        write_json(args.json, records, environment(args.device))
+
+
+def write_json(path, records, env):
+    """A JSON list of records, each carrying the environment header (machine, torch, threads, commit)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    header = {k: v for k, v in env.items() if k != "build_info"}
+    header["cuda_kernels"] = env["build_info"]["cuda_kernels"]
+    with open(path, "w") as f:
+        json.dump([dict(r, environment=header) for r in records], f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+// CPU-kernel helpers: function multi-versioning so that the vectorisable loops run with the widest SIMD the
+// machine has (AVX-512, AVX2, or the x86-64 baseline) from one portable build; `#pragma omp simd`
+// (compiled with -fopenmp-simd: no OpenMP runtime) lets GCC vectorise the max/sum reductions.
+#pragma once
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SMTC_NO_CLONES)
+#define SMTC_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SMTC_CPU_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define SMTC_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define SMTC_ALWAYS_INLINE inline
+#endif
+
+#define SMTC_STR(x) #x
+#if defined(_OPENMP) || defined(__GNUC__)
+#define SMTC_SIMD _Pragma("omp simd")
+#define SMTC_SIMD_MAX(v) _Pragma(SMTC_STR(omp simd reduction(max : v)))
+#define SMTC_SIMD_SUM(v) _Pragma(SMTC_STR(omp simd reduction(+ : v)))
+#else
+#define SMTC_SIMD
+#define SMTC_SIMD_MAX(v)
+#define SMTC_SIMD_SUM(v)
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace smtc {
+
+// A fresh output of ~100 MB (the (384, 256, 256) plan) costs more in 4 KB page faults on first touch than the
+// kernel's arithmetic (performance_anchors.md §6: 25 ms vs 4 ms for a write). Asking for transparent huge
+// pages on the buffer's 2 MB-aligned interior before the first write cuts that; where THP is off, or on
+// other systems, this is a no-op.
+inline void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
+}  // namespace smtc

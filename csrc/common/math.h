@@ -1,0 +1,78 @@
+// Scalar math shared by the C++ CPU kernels and the CUDA kernels (house style rule 3: one kernel's math,
+// two backends). Everything here is __host__ __device__ inline and free of torch headers so that .cu files
+// can include it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define SMTC_HD __host__ __device__ __forceinline__
+#else
+#define SMTC_HD inline
+#endif
+
+namespace smtc {
+
+// Accumulation type: float for float/half/bf16 inputs, double for double (house style rule 6).
+template <typename T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+template <typename T> using acc_t = typename acc_type<T>::type;
+
+// exp for the hot loops.
+// Host, float: a branch-free Cody-Waite + degree-6 polynomial exp (max rel. error ~2 ulp on [-87, 88]) that
+// GCC vectorises inside `#pragma omp simd` loops, unlike std::exp. Arguments below -87.3 give exactly 0 (the
+// exact result is < 1.2e-38, under float's normal range), so masked entries (-inf) stay exactly zero.
+// Device: the hardware exp. Double: std::exp on both (the float64 path exists for gradcheck, not speed).
+SMTC_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float t = xc * 1.44269504088896341f;               // x / ln 2, in [-126, 127.4]
+  const int k = static_cast<int>(t + 128.5f) - 128;        // round to nearest (truncation of a positive)
+  const float kf = static_cast<float>(k);
+  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;  // x - k ln2, two-part ln2 (Cody-Waite)
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int bits = (k + 127) << 23;                               // 2^k as a float
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = p * scale;
+  return x < -87.3f ? 0.0f : y;
+#endif
+}
+SMTC_HD double fast_exp(double x) { return exp(x); }
+
+SMTC_HD float smtc_log(float x) { return logf(x); }
+SMTC_HD double smtc_log(double x) { return log(x); }
+
+// max by value: std::max returns a reference, which keeps GCC from vectorising the loops that use it.
+template <typename T> SMTC_HD T vmax(T a, T b) { return a > b ? a : b; }
+
+template <typename T> SMTC_HD T neg_inf() { return -static_cast<T>(INFINITY); }
+
+// Online log-sum-exp: fold x into the running (max, sum of exp(. - max)) pair. Used where one pass must do.
+template <typename T> SMTC_HD void lse_push(T& mx, T& s, T x) {
+  if (x > mx) {
+    s = s * fast_exp(mx - x) + T(1);
+    mx = x;
+  } else if (x != neg_inf<T>()) {
+    s += fast_exp(x - mx);
+  }
+}
+// Merge two running pairs (for tree reductions across threads).
+template <typename T> SMTC_HD void lse_merge(T& mx, T& s, T mx2, T s2) {
+  if (mx2 == neg_inf<T>()) return;
+  if (mx == neg_inf<T>()) { mx = mx2; s = s2; return; }
+  if (mx2 > mx) { s = s * fast_exp(mx - mx2) + s2; mx = mx2; }
+  else { s += s2 * fast_exp(mx2 - mx); }
+}
+
+}  // namespace smtc

@@ -1,0 +1,24 @@
+// Every operator schema of smtc_fast in one place: this file is the C++ API (house style rule 1).
+// Kernels register per backend in csrc/<op>/<op>_cpu.cpp and <op>_cuda.cpp; the Python side
+// (smtc_fast/ops/) adds the fake kernels, autograd and the pure-PyTorch references.
+#include <torch/library.h>
+
+TORCH_LIBRARY(smtc_fast, m) {
+  // C[b, n, m] = <a[b, n], b[b, m]>: a (B, N, D), b (B, M, D) -> (B, N, M).
+  m.def("correlation(Tensor a, Tensor b) -> Tensor");
+  m.def("_correlation_backward(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)");
+
+  // One slot-attention step for both SMTC stages: logits (B, G, P, N) (softmax over P), values (B, N, D),
+  // mask (B, G, N) or None, eps -> updates (B, G, P, D), attn (B, G, P, N). Stage 1 is G = 1, P = S.
+  m.def("slot_aggregate(Tensor logits, Tensor values, Tensor? mask, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "_slot_aggregate_backward(Tensor grad_updates, Tensor grad_attn, Tensor logits, Tensor values, "
+      "Tensor? mask, Tensor attn, float eps) -> (Tensor, Tensor)");
+
+  // Log-domain Sinkhorn: cost (B, N, M), log_mu (B, N), log_nu (B, M) -> plan (B, N, M), f (B, N), g (B, M).
+  m.def("sinkhorn(Tensor cost, Tensor log_mu, Tensor log_nu, float eps, int iters, float? tol) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_sinkhorn_backward(Tensor grad_plan, Tensor grad_f, Tensor grad_g, Tensor cost, Tensor log_mu, "
+      "Tensor log_nu, float eps, int iters, float? tol) -> Tensor");
+}

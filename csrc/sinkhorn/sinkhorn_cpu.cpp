@@ -1,0 +1,311 @@
+// C++ CPU kernel of smtc_fast::sinkhorn and its backward. Parallel over problems; each problem's cost
+// matrix (256 x 256 fp32 = 256 KB at SMTC's size) stays in the core's L2 for all iterations instead of
+// streaming (B, N, M) temporaries through DRAM as the PyTorch reference does (performance_anchors.md §6).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/cpu.h"
+#include "sinkhorn/sinkhorn.h"
+#include "sinkhorn/sinkhorn_check.h"
+
+namespace smtc {
+namespace sinkhorn {
+namespace {
+
+// f_n = eps*log_mu_n - eps*LSE_m((g_m - C_nm)/eps), one row at a time (two passes over a row in L1).
+template <typename T>
+SMTC_ALWAYS_INLINE void update_f_impl(const T* C, const T* g, const T* log_mu, T eps, int64_t N, int64_t M, T* f) {
+  const T inv_eps = T(1) / eps;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = C + n * M;
+    T mx = neg_inf<T>();
+    SMTC_SIMD_MAX(mx)
+    for (int64_t m = 0; m < M; ++m) mx = vmax(mx, g[m] - row[m]);
+    T s = T(0);
+    if (mx != neg_inf<T>()) {
+      SMTC_SIMD_SUM(s)
+      for (int64_t m = 0; m < M; ++m) s += fast_exp((g[m] - row[m] - mx) * inv_eps);
+    }
+    f[n] = potential(eps, log_mu[n], mx * inv_eps, s);
+  }
+}
+
+// g_m = eps*log_nu_m - eps*LSE_n((f_n - C_nm)/eps), vectorised across m (rows streamed, columns accumulated).
+template <typename T>
+SMTC_ALWAYS_INLINE void update_g_impl(const T* C, const T* f, const T* log_nu, T eps, int64_t N, int64_t M,
+                                      T* g, T* colmax, T* colsum) {
+  const T inv_eps = T(1) / eps;
+  std::fill(colmax, colmax + M, neg_inf<T>());
+  std::fill(colsum, colsum + M, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    if (f[n] == neg_inf<T>()) continue;
+    const T* row = C + n * M;
+    const T fn = f[n];
+    SMTC_SIMD
+    for (int64_t m = 0; m < M; ++m) colmax[m] = vmax(colmax[m], fn - row[m]);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    if (f[n] == neg_inf<T>()) continue;
+    const T* row = C + n * M;
+    const T fn = f[n];
+    SMTC_SIMD
+    for (int64_t m = 0; m < M; ++m) colsum[m] += fast_exp((fn - row[m] - colmax[m]) * inv_eps);
+  }
+  for (int64_t m = 0; m < M; ++m) g[m] = potential(eps, log_nu[m], colmax[m] * inv_eps, colsum[m]);
+}
+
+// L1 error of the row marginals of the current plan (the column marginals are exact after a g update).
+template <typename T>
+SMTC_ALWAYS_INLINE T row_error_impl(const T* C, const T* f, const T* g, const T* log_mu, T eps, int64_t N, int64_t M) {
+  const T inv_eps = T(1) / eps;
+  T err = T(0);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = C + n * M;
+    const T fn = f[n];
+    T s = T(0);
+    SMTC_SIMD_SUM(s)
+    for (int64_t m = 0; m < M; ++m) s += plan_entry(fn, g[m], row[m], inv_eps);
+    err += std::abs(s - fast_exp(log_mu[n]));
+  }
+  return err;
+}
+
+template <typename T>
+SMTC_ALWAYS_INLINE void write_plan_impl(const T* C, const T* f, const T* g, T eps, int64_t N, int64_t M, T* P) {
+  const T inv_eps = T(1) / eps;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = C + n * M;
+    T* out = P + n * M;
+    const T fn = f[n];
+    SMTC_SIMD
+    for (int64_t m = 0; m < M; ++m) out[m] = plan_entry(fn, g[m], row[m], inv_eps);
+  }
+}
+
+// Backward seed: W = grad_plan * plan; grad_C = -W/eps; grad_f += rowsum(W)/eps; grad_g += colsum(W)/eps.
+template <typename T>
+SMTC_ALWAYS_INLINE void backward_plan_impl(const T* C, const T* f, const T* g, const T* gP, T eps, int64_t N,
+                                           int64_t M, T* gC, T* gf, T* gg) {
+  const T inv_eps = T(1) / eps;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = C + n * M;
+    const T* gprow = gP + n * M;
+    T* gcrow = gC + n * M;
+    const T fn = f[n];
+    T rs = T(0);
+    SMTC_SIMD_SUM(rs)
+    for (int64_t m = 0; m < M; ++m) {
+      const T w = gprow[m] * plan_entry(fn, g[m], row[m], inv_eps) * inv_eps;
+      gcrow[m] = -w;
+      rs += w;
+      gg[m] += w;
+    }
+    gf[n] += rs;
+  }
+}
+
+// Through g_t = eps*log_nu - eps*LSE_n((f_t - C)/eps): grad_C += gg*A, grad_f_t -= rowsum(gg*A).
+template <typename T>
+SMTC_ALWAYS_INLINE void backward_g_impl(const T* C, const T* f, const T* g, const T* log_nu, const T* gg, T eps,
+                                        int64_t N, int64_t M, T* gC, T* gf) {
+  const T inv_eps = T(1) / eps;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = C + n * M;
+    T* gcrow = gC + n * M;
+    const T fn = f[n];
+    T acc = T(0);
+    SMTC_SIMD_SUM(acc)
+    for (int64_t m = 0; m < M; ++m) {
+      const T w = gg[m] * lse_weight(fn, g[m], row[m], inv_eps, log_nu[m]);
+      gcrow[m] += w;
+      acc += w;
+    }
+    gf[n] -= acc;
+  }
+}
+
+// Through f_t = eps*log_mu - eps*LSE_m((g_{t-1} - C)/eps): grad_C += gf*B, grad_g_{t-1} = -colsum(gf*B).
+template <typename T>
+SMTC_ALWAYS_INLINE void backward_f_impl(const T* C, const T* f, const T* g_prev, const T* log_mu, const T* gf,
+                                        T eps, int64_t N, int64_t M, T* gC, T* gg_prev) {
+  const T inv_eps = T(1) / eps;
+  std::fill(gg_prev, gg_prev + M, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = C + n * M;
+    T* gcrow = gC + n * M;
+    const T fn = f[n];
+    const T gfn = gf[n];
+    const T lw = log_mu[n];
+    if (lw == neg_inf<T>()) continue;
+    SMTC_SIMD
+    for (int64_t m = 0; m < M; ++m) {
+      const T w = gfn * fast_exp((fn + g_prev[m] - row[m]) * inv_eps - lw);
+      gcrow[m] += w;
+      gg_prev[m] -= w;
+    }
+  }
+}
+
+// Non-template entry points, compiled once per SIMD width (target_clones) with the loops above inlined.
+#define SMTC_SINKHORN_INSTANTIATE(T)                                                                         \
+  SMTC_CPU_CLONES void update_f(const T* C, const T* g, const T* lm, T eps, int64_t N, int64_t M, T* f) {      \
+    update_f_impl<T>(C, g, lm, eps, N, M, f);                                                                \
+  }                                                                                                          \
+  SMTC_CPU_CLONES void update_g(const T* C, const T* f, const T* ln, T eps, int64_t N, int64_t M, T* g, T* cm, \
+                                T* cs) {                                                                     \
+    update_g_impl<T>(C, f, ln, eps, N, M, g, cm, cs);                                                        \
+  }                                                                                                          \
+  SMTC_CPU_CLONES T row_error(const T* C, const T* f, const T* g, const T* lm, T eps, int64_t N, int64_t M) {  \
+    return row_error_impl<T>(C, f, g, lm, eps, N, M);                                                        \
+  }                                                                                                          \
+  SMTC_CPU_CLONES void write_plan(const T* C, const T* f, const T* g, T eps, int64_t N, int64_t M, T* P) {      \
+    write_plan_impl<T>(C, f, g, eps, N, M, P);                                                               \
+  }                                                                                                          \
+  SMTC_CPU_CLONES void backward_plan(const T* C, const T* f, const T* g, const T* gP, T eps, int64_t N,        \
+                                     int64_t M, T* gC, T* gf, T* gg) {                                       \
+    backward_plan_impl<T>(C, f, g, gP, eps, N, M, gC, gf, gg);                                               \
+  }                                                                                                          \
+  SMTC_CPU_CLONES void backward_g(const T* C, const T* f, const T* g, const T* ln, const T* gg, T eps,         \
+                                  int64_t N, int64_t M, T* gC, T* gf) {                                      \
+    backward_g_impl<T>(C, f, g, ln, gg, eps, N, M, gC, gf);                                                  \
+  }                                                                                                          \
+  SMTC_CPU_CLONES void backward_f(const T* C, const T* f, const T* gp, const T* lm, const T* gf, T eps,        \
+                                  int64_t N, int64_t M, T* gC, T* ggp) {                                     \
+    backward_f_impl<T>(C, f, gp, lm, gf, eps, N, M, gC, ggp);                                                \
+  }
+
+SMTC_SINKHORN_INSTANTIATE(float)
+SMTC_SINKHORN_INSTANTIATE(double)
+
+// Runs one problem's iterations; keeps every potential in f_hist ((iters+1) x N) / g_hist ((iters+1) x M)
+// when given (backward), else only the last. Returns the number of iterations run.
+template <typename T>
+int64_t solve_one(const T* C, const T* lm, const T* ln, T eps, int64_t iters, double tol, int64_t N, int64_t M,
+                  T* f_hist, T* g_hist, bool keep_history, T* colmax, T* colsum) {
+  T* f = f_hist;
+  T* g = g_hist;
+  std::fill(g, g + M, T(0));
+  std::fill(f, f + N, T(0));
+  int64_t t = 0;
+  while (t < iters) {
+    T* f_next = keep_history ? f + N : f;
+    T* g_next = keep_history ? g + M : g;
+    update_f(C, g, lm, eps, N, M, f_next);
+    update_g(C, f_next, ln, eps, N, M, g_next, colmax, colsum);
+    f = f_next;
+    g = g_next;
+    ++t;
+    if (tol >= 0 && static_cast<double>(row_error(C, f, g, lm, eps, N, M)) < tol) break;
+  }
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& cost_in, const at::Tensor& log_mu_in,
+                                                           const at::Tensor& log_nu_in, double eps, int64_t iters,
+                                                           c10::optional<double> tol) {
+  check_sinkhorn_args(cost_in, log_mu_in, log_nu_in, eps, iters, tol);
+  const auto cost = cost_in.contiguous();
+  const auto log_mu = log_mu_in.contiguous();
+  const auto log_nu = log_nu_in.contiguous();
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  auto plan = at::empty_like(cost);
+  auto f_out = at::empty({B, N}, cost.options());
+  auto g_out = at::empty({B, M}, cost.options());
+  if (cost.numel() == 0) {
+    f_out.zero_();
+    g_out.zero_();
+    return {plan, f_out, g_out};
+  }
+  advise_huge_pages(plan.data_ptr(), plan.nbytes());
+  const double tol_v = tol.has_value() ? *tol : -1.0;
+  AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "smtc_fast::sinkhorn (CPU)", [&] {
+    const scalar_t* C = cost.data_ptr<scalar_t>();
+    const scalar_t* LM = log_mu.data_ptr<scalar_t>();
+    const scalar_t* LN = log_nu.data_ptr<scalar_t>();
+    scalar_t* P = plan.data_ptr<scalar_t>();
+    scalar_t* F = f_out.data_ptr<scalar_t>();
+    scalar_t* G = g_out.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buf(2 * M);
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* f = F + b * N;
+        scalar_t* g = G + b * M;
+        const scalar_t* Cb = C + b * N * M;
+        solve_one<scalar_t>(Cb, LM + b * N, LN + b * M, e, iters, tol_v, N, M, f, g, false, buf.data(),
+                            buf.data() + M);
+        write_plan(Cb, f, g, e, N, M, P + b * N * M);
+      }
+    });
+  });
+  return {plan, f_out, g_out};
+}
+
+at::Tensor sinkhorn_backward_cpu(const at::Tensor& grad_plan_in, const at::Tensor& grad_f_in,
+                                 const at::Tensor& grad_g_in, const at::Tensor& cost_in, const at::Tensor& log_mu_in,
+                                 const at::Tensor& log_nu_in, double eps, int64_t iters, c10::optional<double> tol) {
+  check_sinkhorn_args(cost_in, log_mu_in, log_nu_in, eps, iters, tol);
+  check_sinkhorn_grads(grad_plan_in, grad_f_in, grad_g_in, cost_in);
+  const auto cost = cost_in.contiguous();
+  const auto log_mu = log_mu_in.contiguous();
+  const auto log_nu = log_nu_in.contiguous();
+  const auto grad_plan = grad_plan_in.contiguous();
+  const auto grad_f = grad_f_in.contiguous();
+  const auto grad_g = grad_g_in.contiguous();
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  auto grad_cost = at::empty_like(cost);
+  if (cost.numel() == 0) return grad_cost;
+  advise_huge_pages(grad_cost.data_ptr(), grad_cost.nbytes());
+  const double tol_v = tol.has_value() ? *tol : -1.0;
+  AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "smtc_fast::_sinkhorn_backward (CPU)", [&] {
+    const scalar_t* C = cost.data_ptr<scalar_t>();
+    const scalar_t* LM = log_mu.data_ptr<scalar_t>();
+    const scalar_t* LN = log_nu.data_ptr<scalar_t>();
+    const scalar_t* GP = grad_plan.data_ptr<scalar_t>();
+    const scalar_t* GF = grad_f.data_ptr<scalar_t>();
+    const scalar_t* GG = grad_g.data_ptr<scalar_t>();
+    scalar_t* GC = grad_cost.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> f_hist((iters + 1) * N), g_hist((iters + 1) * M), buf(2 * M);
+      std::vector<scalar_t> gf(N), gg(M), gg_prev(M);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* Cb = C + b * N * M;
+        const scalar_t* lm = LM + b * N;
+        const scalar_t* ln = LN + b * M;
+        scalar_t* gC = GC + b * N * M;
+        const int64_t ran = solve_one<scalar_t>(Cb, lm, ln, e, iters, tol_v, N, M, f_hist.data(), g_hist.data(),
+                                                true, buf.data(), buf.data() + M);
+        const scalar_t* fT = f_hist.data() + ran * N;
+        const scalar_t* gT = g_hist.data() + ran * M;
+        std::copy(GF + b * N, GF + (b + 1) * N, gf.begin());
+        std::copy(GG + b * M, GG + (b + 1) * M, gg.begin());
+        backward_plan(Cb, fT, gT, GP + b * N * M, e, N, M, gC, gf.data(), gg.data());
+        for (int64_t t = ran; t >= 1; --t) {
+          const scalar_t* ft = f_hist.data() + t * N;
+          const scalar_t* gt = g_hist.data() + t * M;
+          const scalar_t* gprev = g_hist.data() + (t - 1) * M;
+          backward_g(Cb, ft, gt, ln, gg.data(), e, N, M, gC, gf.data());
+          backward_f(Cb, ft, gprev, lm, gf.data(), e, N, M, gC, gg_prev.data());
+          std::swap(gg, gg_prev);
+          std::fill(gf.begin(), gf.end(), scalar_t(0));  // f_{t-1} feeds only g_{t-1}: its grad starts at 0
+        }
+      }
+    });
+  });
+  return grad_cost;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(smtc_fast, CPU, m) {
+  m.impl("sinkhorn", &sinkhorn_cpu);
+  m.impl("_sinkhorn_backward", &sinkhorn_backward_cpu);
+}
+
+}  // namespace sinkhorn
+}  // namespace smtc

@@ -1,0 +1,205 @@
+// CUDA kernels of the batched log-domain Sinkhorn: one block per problem, all iterations inside the block
+// (the problem's cost is re-read from L2, never written back; one launch for the whole solve).
+//   f update: a warp per row, lanes stream the row with an online log-sum-exp merged by shuffles;
+//   g update: a thread per column, coalesced across the row; the per-element math is sinkhorn.h's.
+#include "common/cuda_utils.cuh"
+#include "sinkhorn/sinkhorn.h"
+#include "sinkhorn/sinkhorn_cuda.h"
+
+namespace smtc {
+namespace sinkhorn {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+__device__ void update_f(const T* C, const T* g, const T* lm, T eps, int64_t N, int64_t M, T* f) {
+  const T inv_eps = T(1) / eps;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t n = warp; n < N; n += kWarps) {
+    T mx = neg_inf<T>(), s = T(0);
+    for (int64_t m = lane; m < M; m += 32) lse_push(mx, s, (g[m] - C[n * M + m]) * inv_eps);
+    warp_lse(mx, s);
+    if (lane == 0) f[n] = potential(eps, lm[n], mx, s);
+  }
+}
+
+template <typename T>
+__device__ void update_g(const T* C, const T* f, const T* ln, T eps, int64_t N, int64_t M, T* g) {
+  const T inv_eps = T(1) / eps;
+  for (int64_t m = threadIdx.x; m < M; m += kThreads) {
+    T mx = neg_inf<T>(), s = T(0);
+    for (int64_t n = 0; n < N; ++n) lse_push(mx, s, (f[n] - C[n * M + m]) * inv_eps);
+    g[m] = potential(eps, ln[m], mx, s);
+  }
+}
+
+// Block-wide L1 row-marginal error of the current plan; the same value in every thread.
+template <typename T>
+__device__ T row_error(const T* C, const T* f, const T* g, const T* lm, T eps, int64_t N, int64_t M, T* red) {
+  const T inv_eps = T(1) / eps;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T err = T(0);
+  for (int64_t n = warp; n < N; n += kWarps) {
+    T s = T(0);
+    for (int64_t m = lane; m < M; m += 32) s += plan_entry(f[n], g[m], C[n * M + m], inv_eps);
+    s = warp_sum(s);
+    err += fabs(s - fast_exp(lm[n]));
+  }
+  if (lane == 0) red[warp] = err;
+  __syncthreads();
+  T total = T(0);
+  for (int w = 0; w < kWarps; ++w) total += red[w];
+  __syncthreads();
+  return total;
+}
+
+// Runs one problem's iterations; with history, potential t lives at f_hist + t*N, g_hist + t*M.
+template <typename T>
+__device__ int64_t solve(const T* C, const T* lm, const T* ln, T eps, int64_t iters, double tol, int64_t N, int64_t M,
+                         T* f_hist, T* g_hist, bool history, T* red) {
+  for (int64_t m = threadIdx.x; m < M; m += kThreads) g_hist[m] = T(0);
+  for (int64_t n = threadIdx.x; n < N; n += kThreads) f_hist[n] = T(0);
+  __syncthreads();
+  T* f = f_hist;
+  T* g = g_hist;
+  int64_t t = 0;
+  while (t < iters) {
+    T* f_next = history ? f + N : f;
+    T* g_next = history ? g + M : g;
+    update_f(C, g, lm, eps, N, M, f_next);
+    __syncthreads();
+    update_g(C, f_next, ln, eps, N, M, g_next);
+    __syncthreads();
+    f = f_next;
+    g = g_next;
+    ++t;
+    if (tol >= 0 && static_cast<double>(row_error(C, f, g, lm, eps, N, M, red)) < tol) break;
+  }
+  return t;
+}
+
+template <typename T>
+__global__ void sinkhorn_forward_kernel(const T* __restrict__ cost, const T* __restrict__ log_mu,
+                                        const T* __restrict__ log_nu, T eps, int64_t iters, double tol, int64_t N,
+                                        int64_t M, T* __restrict__ plan, T* __restrict__ f_out,
+                                        T* __restrict__ g_out) {
+  __shared__ T red[kWarps];
+  const int64_t b = blockIdx.x;
+  const T* C = cost + b * N * M;
+  T* f = f_out + b * N;
+  T* g = g_out + b * M;
+  solve(C, log_mu + b * N, log_nu + b * M, eps, iters, tol, N, M, f, g, false, red);
+  const T inv_eps = T(1) / eps;
+  T* P = plan + b * N * M;
+  for (int64_t i = threadIdx.x; i < N * M; i += kThreads) P[i] = plan_entry(f[i / M], g[i % M], C[i], inv_eps);
+}
+
+template <typename T>
+__global__ void sinkhorn_backward_kernel(const T* __restrict__ grad_plan, const T* __restrict__ grad_f,
+                                         const T* __restrict__ grad_g, const T* __restrict__ cost,
+                                         const T* __restrict__ log_mu, const T* __restrict__ log_nu, T eps,
+                                         int64_t iters, double tol, int64_t N, int64_t M, T* f_hist_all,
+                                         T* g_hist_all, T* gf_all, T* gg_all, T* __restrict__ grad_cost) {
+  __shared__ T red[kWarps];
+  const int64_t b = blockIdx.x;
+  const T* C = cost + b * N * M;
+  const T* lm = log_mu + b * N;
+  const T* ln = log_nu + b * M;
+  const T* GP = grad_plan + b * N * M;
+  T* GC = grad_cost + b * N * M;
+  T* f_hist = f_hist_all + b * (iters + 1) * N;
+  T* g_hist = g_hist_all + b * (iters + 1) * M;
+  T* gf = gf_all + b * N;
+  T* gg = gg_all + b * 2 * M;
+  T* gg_prev = gg + M;
+  const T inv_eps = T(1) / eps;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  const int64_t ran = solve(C, lm, ln, eps, iters, tol, N, M, f_hist, g_hist, true, red);
+  const T* fT = f_hist + ran * N;
+  const T* gT = g_hist + ran * M;
+  // Seed from the plan: W = grad_plan * plan / eps; grad_C = -W; gf = grad_f + rowsum W; gg = grad_g + colsum W.
+  for (int64_t n = warp; n < N; n += kWarps) {
+    T rs = T(0);
+    for (int64_t m = lane; m < M; m += 32) {
+      const T w = GP[n * M + m] * plan_entry(fT[n], gT[m], C[n * M + m], inv_eps) * inv_eps;
+      GC[n * M + m] = -w;
+      rs += w;
+    }
+    rs = warp_sum(rs);
+    if (lane == 0) gf[n] = grad_f[b * N + n] + rs;
+  }
+  for (int64_t m = threadIdx.x; m < M; m += kThreads) {
+    T cs = T(0);
+    for (int64_t n = 0; n < N; ++n) cs += GP[n * M + m] * plan_entry(fT[n], gT[m], C[n * M + m], inv_eps) * inv_eps;
+    gg[m] = grad_g[b * M + m] + cs;
+  }
+  __syncthreads();
+  for (int64_t t = ran; t >= 1; --t) {
+    const T* ft = f_hist + t * N;
+    const T* gt = g_hist + t * M;
+    const T* gprev = g_hist + (t - 1) * M;
+    // Through g_t: grad_C += gg * A_t, gf -= rowsum(gg * A_t).
+    for (int64_t n = warp; n < N; n += kWarps) {
+      T acc = T(0);
+      for (int64_t m = lane; m < M; m += 32) {
+        const T w = gg[m] * lse_weight(ft[n], gt[m], C[n * M + m], inv_eps, ln[m]);
+        GC[n * M + m] += w;
+        acc += w;
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) gf[n] -= acc;
+    }
+    __syncthreads();
+    // Through f_t: grad_C += gf * B_t, gg_prev = -colsum(gf * B_t).
+    for (int64_t m = threadIdx.x; m < M; m += kThreads) {
+      T acc = T(0);
+      for (int64_t n = 0; n < N; ++n) {
+        const T w = gf[n] * lse_weight(ft[n], gprev[m], C[n * M + m], inv_eps, lm[n]);
+        GC[n * M + m] += w;
+        acc += w;
+      }
+      gg_prev[m] = -acc;
+    }
+    __syncthreads();
+    for (int64_t m = threadIdx.x; m < M; m += kThreads) gg[m] = gg_prev[m];
+    for (int64_t n = threadIdx.x; n < N; n += kThreads) gf[n] = T(0);  // f_{t-1} feeds only g_{t-1}
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+void launch_sinkhorn_forward(DType dtype, const void* cost, const void* log_mu, const void* log_nu, double eps,
+                             int64_t iters, double tol, int64_t B, int64_t N, int64_t M, void* plan, void* f, void* g,
+                             cudaStream_t stream) {
+  if (B == 0) return;
+  SMTC_DISPATCH_FLOAT_DOUBLE(dtype, "smtc_fast::sinkhorn (CUDA)", [&] {
+    sinkhorn_forward_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(cost), static_cast<const scalar_t*>(log_mu),
+        static_cast<const scalar_t*>(log_nu), static_cast<scalar_t>(eps), iters, tol, N, M,
+        static_cast<scalar_t*>(plan), static_cast<scalar_t*>(f), static_cast<scalar_t*>(g));
+  });
+  check_launch("smtc_fast sinkhorn_forward_kernel");
+}
+
+void launch_sinkhorn_backward(DType dtype, const void* grad_plan, const void* grad_f, const void* grad_g,
+                              const void* cost, const void* log_mu, const void* log_nu, double eps, int64_t iters,
+                              double tol, int64_t B, int64_t N, int64_t M, void* f_hist, void* g_hist, void* gf,
+                              void* gg, void* grad_cost, cudaStream_t stream) {
+  if (B == 0) return;
+  SMTC_DISPATCH_FLOAT_DOUBLE(dtype, "smtc_fast::_sinkhorn_backward (CUDA)", [&] {
+    sinkhorn_backward_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(grad_plan), static_cast<const scalar_t*>(grad_f),
+        static_cast<const scalar_t*>(grad_g), static_cast<const scalar_t*>(cost),
+        static_cast<const scalar_t*>(log_mu), static_cast<const scalar_t*>(log_nu), static_cast<scalar_t>(eps), iters,
+        tol, N, M, static_cast<scalar_t*>(f_hist), static_cast<scalar_t*>(g_hist), static_cast<scalar_t*>(gf),
+        static_cast<scalar_t*>(gg), static_cast<scalar_t*>(grad_cost));
+  });
+  check_launch("smtc_fast sinkhorn_backward_kernel");
+}
+
+}  // namespace sinkhorn
+}  // namespace smtc

@@ -1,0 +1,29 @@
+// Argument checks of smtc_fast::slot_aggregate (CPU and CUDA wrappers).
+#pragma once
+
+#include "common/check.h"
+
+namespace smtc {
+namespace slot_aggregate {
+
+inline void check_slot_aggregate_args(const at::Tensor& logits, const at::Tensor& values,
+                                      const c10::optional<at::Tensor>& mask, double eps) {
+  SMTC_CHECK_DIM(logits, 4);
+  SMTC_CHECK_DIM(values, 3);
+  SMTC_CHECK_FLOAT(logits);
+  SMTC_CHECK_SAME(logits, values);
+  SMTC_CHECK_SIZE(values, 0, logits.size(0), "batch B of logits");
+  SMTC_CHECK_SIZE(values, 1, logits.size(3), "tokens N of logits");
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    SMTC_CHECK_DIM(m, 3);
+    SMTC_CHECK_SAME(m, logits);
+    SMTC_CHECK_SIZE(m, 0, logits.size(0), "batch B of logits");
+    SMTC_CHECK_SIZE(m, 1, logits.size(1), "groups G of logits");
+    SMTC_CHECK_SIZE(m, 2, logits.size(3), "tokens N of logits");
+  }
+  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+}
+
+}  // namespace slot_aggregate
+}  // namespace smtc

@@ -1,0 +1,19 @@
+// Launchers of the slot-aggregation attention kernels (slot_aggregate.h). Raw pointers, contiguous tensors:
+// logits/attn/grad (B, G, P, N), mask (B, G, N) or nullptr.
+#pragma once
+
+#include "common/cuda_launch.h"
+
+namespace smtc {
+namespace slot_aggregate {
+
+// attn = renormalised (softmax_P + eps) * mask.
+void launch_attention_forward(DType dtype, const void* logits, const void* mask, double eps, int64_t B, int64_t G,
+                              int64_t P, int64_t N, void* attn, cudaStream_t stream);
+
+// gw (dL/dattn, already including grad_updates @ values^T) -> dL/dlogits, in place.
+void launch_attention_backward(DType dtype, const void* logits, const void* mask, const void* attn, double eps,
+                               int64_t B, int64_t G, int64_t P, int64_t N, void* gw, cudaStream_t stream);
+
+}  // namespace slot_aggregate
+}  // namespace smtc

@@ -1,0 +1,177 @@
+"""smtc_fast.ops.slot_aggregate: the spec's eps placement bit for bit, kernel vs reference, autograd, bad input."""
+import pytest
+import torch
+
+import smtc_fast
+from smtc_fast.ops import slot_aggregate, slot_aggregate_reference
+from smtc_fast.testing import assert_close_to_reference
+
+from conftest import DEVICES
+
+HAS_KERNEL = smtc_fast.build_info()["cpu_kernels"]
+
+
+def official_stage1(dots, v, eps=1e-8):
+    """Stage 1 as official_smtc_spec.md §1.3 words it: softmax over slots, + eps, weighted mean over tokens."""
+    attn = dots.softmax(dim=1) + eps
+    attn = attn / attn.sum(dim=-1, keepdim=True)
+    return torch.einsum("bjd,bij->bid", v, attn), attn
+
+
+def official_stage2(dots, v, semantic_logits, eps=1e-8):
+    """Stage 2 per §1.3: softmax over instances, + eps, * (semantic logits > 0.3), / (sum + eps)."""
+    attn = dots.softmax(dim=2) + eps
+    mask = (semantic_logits > 0.3).float().to(dots.dtype)
+    attn = attn * mask[:, :, None]
+    attn = attn / (attn.sum(dim=-1, keepdim=True) + eps)
+    return torch.einsum("bjd,bsij->bsid", v, attn), attn
+
+
+def test_reference_bitwise_equals_official_float64():
+    dots = torch.randn(3, 16, 40, dtype=torch.float64)
+    v = torch.randn(3, 40, 8, dtype=torch.float64)
+    u, a = slot_aggregate_reference(dots, v)
+    ou, oa = official_stage1(dots, v)
+    assert torch.equal(a, oa) and torch.equal(u, ou)
+    idots = torch.randn(3, 16, 4, 40, dtype=torch.float64)
+    mask = (dots > 0.3).double()
+    u, a = slot_aggregate_reference(idots, v, mask)
+    ou, oa = official_stage2(idots, v, dots)
+    assert torch.equal(a, oa) and torch.equal(u, ou)
+
+
+def test_reference_equals_brute_force_loops():
+    B, S, P, N, D, eps = 2, 3, 2, 5, 4, 1e-8
+    logits = torch.randn(B, S, P, N, dtype=torch.float64)
+    v = torch.randn(B, N, D, dtype=torch.float64)
+    mask = (torch.rand(B, S, N) > 0.4).double()
+    u, a = slot_aggregate_reference(logits, v, mask, eps)
+    for b in range(B):
+        for s in range(S):
+            num = torch.zeros(P, N, dtype=torch.float64)
+            for n in range(N):
+                e = [float(torch.exp(logits[b, s, p, n])) for p in range(P)]
+                for p in range(P):
+                    num[p, n] = (e[p] / sum(e) + eps) * float(mask[b, s, n])
+            for p in range(P):
+                w = num[p] / (num[p].sum() + eps)
+                torch.testing.assert_close(a[b, s, p], w)
+                torch.testing.assert_close(u[b, s, p], (w[:, None] * v[b]).sum(0))
+
+
+CASES = [  # (B, S, P or None for stage 1, N, D)
+    (4, 16, None, 256, 48),
+    (4, 16, 4, 256, 48),
+    (2, 5, 1, 7 * 9, 33),   # P = 1, odd N and D
+    (3, 7, None, 7 * 9, 33),
+    (1, 1, None, 1, 1),
+    (1, 1, 1, 1, 1),
+]
+
+
+def make(case, device, dtype, mask_kind="random"):
+    B, S, P, N, D = case
+    shape = (B, S, N) if P is None else (B, S, P, N)
+    logits = (2 * torch.randn(shape, dtype=dtype, device=device)).requires_grad_()
+    values = torch.randn(B, N, D, dtype=dtype, device=device, requires_grad=True)
+    mask = None
+    if P is not None and mask_kind is not None:
+        mask = {"random": (torch.rand(B, S, N, device=device) > 0.5).to(dtype),
+                "zeros": torch.zeros(B, S, N, dtype=dtype, device=device),
+                "ones": torch.ones(B, S, N, dtype=dtype, device=device)}[mask_kind]
+    return logits, values, mask
+
+
+# stage 1 has no mask; stage 2 runs with a random, an all-zero, an all-one and no mask
+CASE_MASKS = [(c, m) for c in CASES for m in (["random"] if c[2] is None else ["random", "zeros", "ones", None])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case, mask_kind", CASE_MASKS)
+def test_forward_backward_match_reference(device, dtype, case, mask_kind):
+    logits, values, mask = make(case, device, dtype, mask_kind)
+    u, a = slot_aggregate(logits, values, mask)
+    ru, ra = slot_aggregate_reference(logits, values, mask)
+    assert_close_to_reference(u, ru)
+    assert_close_to_reference(a, ra)
+    gu, ga = torch.randn_like(u), torch.randn_like(a)
+    grads = torch.autograd.grad((u * gu).sum() + (a * ga).sum(), (logits, values))
+    rgrads = torch.autograd.grad((ru * gu).sum() + (ra * ga).sum(), (logits, values))
+    for g, r in zip(grads, rgrads):
+        assert_close_to_reference(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_zero_mask_gives_zero_updates_not_nan(device):
+    logits, values, _ = make((2, 3, 4, 10, 5), device, torch.float32)
+    u, a = slot_aggregate(logits, values, torch.zeros(2, 3, 10, device=device))
+    assert torch.all(u == 0) and torch.all(a == 0)
+    (u.sum() + a.sum()).backward()
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bool_mask_and_non_contiguous(device):
+    logits = torch.randn(2, 4, 3, 12, device=device).transpose(2, 3).contiguous().transpose(2, 3)
+    values = torch.randn(2, 6, 12, device=device).transpose(1, 2)
+    mask = torch.rand(2, 4, 12, device=device) > 0.5
+    u, a = slot_aggregate(logits, values, mask)
+    ru, ra = slot_aggregate_reference(logits, values, mask.float())
+    assert_close_to_reference(u, ru)
+    assert_close_to_reference(a, ra)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    logits, values, mask = make((0, 3, 2, 5, 4), device, torch.float32)
+    u, a = slot_aggregate(logits, values, mask)
+    assert u.shape == (0, 3, 2, 4) and a.shape == (0, 3, 2, 5)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradcheck_float64(stage):
+    case = (2, 3, None if stage == 1 else 2, 5, 3)
+    logits, values, mask = make(case, "cpu", torch.float64)
+    assert torch.autograd.gradcheck(lambda l, v: slot_aggregate(l, v, mask), (logits, values))
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+def test_opcheck():
+    logits, values, mask = make((2, 3, 2, 5, 3), "cpu", torch.float32)
+    torch.library.opcheck(torch.ops.smtc_fast.slot_aggregate.default, (logits, values, mask, 1e-8))
+    torch.library.opcheck(torch.ops.smtc_fast.slot_aggregate.default, (logits, values, None, 1e-8))
+
+
+def test_torch_compile_fullgraph():
+    logits, values, mask = make((2, 3, 2, 5, 3), "cpu", torch.float32)
+    compiled = torch.compile(slot_aggregate, fullgraph=True, backend="eager")
+    u, a = compiled(logits, values, mask)
+    ru, ra = slot_aggregate_reference(logits, values, mask)
+    assert_close_to_reference(u, ru)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+def test_forced_reference_equals_kernel(monkeypatch):
+    logits, values, mask = make((3, 4, 2, 20, 6), "cpu", torch.float32)
+    u, a = slot_aggregate(logits, values, mask)
+    monkeypatch.setenv("SMTC_FAST_FORCE_REFERENCE", "1")
+    ru, ra = slot_aggregate(logits, values, mask)
+    assert_close_to_reference(u, ru)
+    assert_close_to_reference(a, ra)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(logits=torch.randn(2, 3), values=torch.randn(2, 3, 4)), "logits must be 3-D or 4-D"),
+    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 6, 4)), "tokens N"),
+    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(3, 5, 4)), "batch B"),
+    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 5, 4).double()), "same dtype"),
+    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 5, 4), mask=torch.ones(2, 3, 5)), "stage 2"),
+    (dict(logits=torch.randn(2, 3, 2, 5), values=torch.randn(2, 5, 4), mask=torch.ones(2, 4, 5)), "mask must have shape"),
+    (dict(logits=torch.randn(2, 3, 2, 5), values=torch.randn(2, 5, 4), eps=-1.0), "eps"),
+    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 5, 4, device="meta")), "same device"),
+])
+def test_bad_input(kwargs, match):
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        slot_aggregate(**kwargs)
