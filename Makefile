@@ -25,7 +25,7 @@ $(DEPS): pyproject.toml Makefile | $(PY)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch, torchvision; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); assert v >= (2, 6)" 2>/dev/null \
 		|| $(PIP) install -q torch torchvision
-	$(PIP) install -q "timm>=1.0" numpy scipy pybind11 ninja pytest cmake tqdm pillow matplotlib
+	$(PIP) install -q "timm>=1.0" numpy scipy pybind11 ninja pytest cmake tqdm pillow matplotlib av
 	touch $@
 
 $(BUILT): $(DEPS) setup.py $(CSRC)

@@ -140,6 +140,10 @@ class SMTC(nn.Module):
         """Training forward. frames (B, T, 3, H, W); instance_noise (B*T, S, P, D) or None -> SMTCOutput."""
         B, T = frames.shape[:2]
         keys, _, grid = self.encode(frames)
+        return self.head(keys, B, T, grid, instance_noise)
+
+    def head(self, keys, B, T, grid, instance_noise=None):
+        """Everything after the backbone: keys (B*T, n, D) on grid (h, w) -> SMTCOutput."""
         x = self.fuse(keys, B, T, grid)
         out = self.slot_attention(x, instance_noise=instance_noise)
         S, P = self.config.num_slots, self.config.num_instances
