@@ -3,7 +3,6 @@
 // BLAS single-threaded, keeps a problem's operands in the core's cache and avoids the batched-GEMM
 // overhead measured in performance_anchors.md §6 (small batched GEMMs at ~half the large-GEMM rate).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "correlation/correlation.h"
@@ -13,20 +12,14 @@ namespace smtc {
 namespace correlation {
 namespace {
 
-// out[b] = x[b] @ y[b] for every b, one problem per parallel task.
+// out[b] = x[b] @ y[b] for every b.
 void batched_mm(const at::Tensor& x, const at::Tensor& y, at::Tensor& out) {
-  const int64_t B = x.size(0);
   if (out.numel() == 0) return;
   if (x.size(2) == 0) {
     out.zero_();
     return;
   }
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      auto o = out.select(0, b);
-      at::mm_out(o, x.select(0, b), y.select(0, b));
-    }
-  });
+  at::bmm_out(out, x, y);
 }
 
 at::Tensor correlation_cpu(const at::Tensor& a, const at::Tensor& b) {

@@ -86,6 +86,61 @@ SMTC_ALWAYS_INLINE void write_plan_impl(const T* C, const T* f, const T* g, T ep
   }
 }
 
+// ---- The scaling form of the same iteration (forward only) -------------------------------------------------
+// With K_nm = exp((f1_n - C_nm)/eps) stored once (f1 = the exact first f update, so K's rows sum to mu),
+// every later half-step is a matrix-vector product instead of a pass of exps:
+//   v_m = nu_m / sum_n u_n K_nm,   u_n = mu_n / sum_m K_nm v_m,   f = f1 + eps log u,   g = eps log v,
+// the same numbers as the log-domain updates (f_{t+1} = eps log mu - eps LSE_m((g_t - C)/eps), etc.).
+// It is only trusted while every denominator stays >= kTiny and every scaling <= kHuge, so that the entries of
+// K that underflowed (< 1.2e-38 in float) cannot matter at float precision; otherwise the caller reruns the
+// problem in the log domain. SMTC's problems (1 - cos costs, eps 0.05) stay inside these bounds.
+template <typename T> struct ScalingBounds;
+template <> struct ScalingBounds<float> { static constexpr float kTiny = 1e-18f, kHuge = 1e10f; };
+template <> struct ScalingBounds<double> { static constexpr double kTiny = 1e-280, kHuge = 1e100; };
+
+template <typename T>
+SMTC_ALWAYS_INLINE bool col_scaling_impl(const T* K, const T* u, const T* ln, int64_t N, int64_t M, T* v, T* colsum) {
+  std::fill(colsum, colsum + M, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const T un = u[n];
+    if (un == T(0)) continue;
+    const T* row = K + n * M;
+    SMTC_SIMD
+    for (int64_t m = 0; m < M; ++m) colsum[m] += un * row[m];
+  }
+  bool ok = true;
+  for (int64_t m = 0; m < M; ++m) {
+    const T nu = fast_exp(ln[m]);
+    if (nu == T(0)) { v[m] = T(0); continue; }
+    ok = ok && colsum[m] >= ScalingBounds<T>::kTiny;
+    v[m] = nu / colsum[m];
+    ok = ok && v[m] <= ScalingBounds<T>::kHuge;
+  }
+  return ok;
+}
+
+// rowdot_n = sum_m K_nm v_m
+template <typename T>
+SMTC_ALWAYS_INLINE void row_dot_impl(const T* K, const T* v, int64_t N, int64_t M, T* rowdot) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = K + n * M;
+    T s = T(0);
+    SMTC_SIMD_SUM(s)
+    for (int64_t m = 0; m < M; ++m) s += row[m] * v[m];
+    rowdot[n] = s;
+  }
+}
+
+template <typename T>
+SMTC_ALWAYS_INLINE void scale_plan_impl(const T* u, const T* v, int64_t N, int64_t M, T* K) {
+  for (int64_t n = 0; n < N; ++n) {
+    T* row = K + n * M;
+    const T un = u[n];
+    SMTC_SIMD
+    for (int64_t m = 0; m < M; ++m) row[m] = un * row[m] * v[m];
+  }
+}
+
 // Backward seed: W = grad_plan * plan; grad_C = -W/eps; grad_f += rowsum(W)/eps; grad_g += colsum(W)/eps.
 template <typename T>
 SMTC_ALWAYS_INLINE void backward_plan_impl(const T* C, const T* f, const T* g, const T* gP, T eps, int64_t N,
@@ -165,6 +220,15 @@ SMTC_ALWAYS_INLINE void backward_f_impl(const T* C, const T* f, const T* g_prev,
   SMTC_CPU_CLONES void write_plan(const T* C, const T* f, const T* g, T eps, int64_t N, int64_t M, T* P) {      \
     write_plan_impl<T>(C, f, g, eps, N, M, P);                                                               \
   }                                                                                                          \
+  SMTC_CPU_CLONES bool col_scaling(const T* K, const T* u, const T* ln, int64_t N, int64_t M, T* v, T* cs) {    \
+    return col_scaling_impl<T>(K, u, ln, N, M, v, cs);                                                       \
+  }                                                                                                          \
+  SMTC_CPU_CLONES void row_dot(const T* K, const T* v, int64_t N, int64_t M, T* rd) {                         \
+    row_dot_impl<T>(K, v, N, M, rd);                                                                         \
+  }                                                                                                          \
+  SMTC_CPU_CLONES void scale_plan(const T* u, const T* v, int64_t N, int64_t M, T* K) {                       \
+    scale_plan_impl<T>(u, v, N, M, K);                                                                       \
+  }                                                                                                          \
   SMTC_CPU_CLONES void backward_plan(const T* C, const T* f, const T* g, const T* gP, T eps, int64_t N,        \
                                      int64_t M, T* gC, T* gf, T* gg) {                                       \
     backward_plan_impl<T>(C, f, g, gP, eps, N, M, gC, gf, gg);                                               \
@@ -204,6 +268,42 @@ int64_t solve_one(const T* C, const T* lm, const T* ln, T eps, int64_t iters, do
   return t;
 }
 
+// The forward of one problem in the scaling form (see above), writing plan, f and g. Returns false (outputs
+// unspecified) when a bound was crossed; the caller then solves the problem in the log domain.
+template <typename T>
+bool scaling_solve(const T* C, const T* lm, const T* ln, T eps, int64_t iters, double tol, int64_t N, int64_t M,
+                   T* f, T* g, T* P, T* u, T* v, T* rowdot, T* colsum) {
+  std::fill(g, g + M, T(0));
+  update_f(C, g, lm, eps, N, M, f);  // f1, exact
+  write_plan(C, f, g, eps, N, M, P);   // K = exp((f1 - C)/eps): rows sum to mu
+  std::fill(u, u + N, T(1));
+  for (int64_t n = 0; n < N; ++n)
+    if (lm[n] == neg_inf<T>()) u[n] = T(0);
+  for (int64_t t = 1; t <= iters; ++t) {
+    if (t > 1) {  // u = mu / (K v); rowdot already holds K v when tol is checked
+      if (tol < 0) row_dot(P, v, N, M, rowdot);
+      for (int64_t n = 0; n < N; ++n) {
+        const T mu = fast_exp(lm[n]);
+        if (mu == T(0)) { u[n] = T(0); continue; }
+        if (!(rowdot[n] >= ScalingBounds<T>::kTiny)) return false;
+        u[n] = mu / rowdot[n];
+        if (!(u[n] <= ScalingBounds<T>::kHuge)) return false;
+      }
+    }
+    if (!col_scaling(P, u, ln, N, M, v, colsum)) return false;
+    if (tol >= 0) {  // row marginals of u K v
+      row_dot(P, v, N, M, rowdot);
+      double err = 0;
+      for (int64_t n = 0; n < N; ++n) err += std::abs(static_cast<double>(u[n] * rowdot[n] - fast_exp(lm[n])));
+      if (err < tol) break;
+    }
+  }
+  scale_plan(u, v, N, M, P);
+  for (int64_t n = 0; n < N; ++n) f[n] = u[n] == T(0) ? neg_inf<T>() : f[n] + eps * smtc_log(u[n]);
+  for (int64_t m = 0; m < M; ++m) g[m] = v[m] == T(0) ? neg_inf<T>() : eps * smtc_log(v[m]);
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& cost_in, const at::Tensor& log_mu_in,
                                                            const at::Tensor& log_nu_in, double eps, int64_t iters,
                                                            c10::optional<double> tol) {
@@ -231,14 +331,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& co
     scalar_t* G = g_out.data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buf(2 * M);
+      std::vector<scalar_t> buf(2 * N + 2 * M);  // rowdot (N) | colsum (M) | u (N) | v (M)
       for (int64_t b = begin; b < end; ++b) {
         scalar_t* f = F + b * N;
         scalar_t* g = G + b * M;
+        scalar_t* Pb = P + b * N * M;
         const scalar_t* Cb = C + b * N * M;
+        // The scaling form when it is safe (iterations cost a mat-vec instead of a pass of exps), else the
+        // log domain; both compute the same map (see above).
+        scalar_t* rowdot = buf.data();
+        if (iters > 0 && scaling_solve<scalar_t>(Cb, LM + b * N, LN + b * M, e, iters, tol_v, N, M, f, g, Pb,
+                                                 rowdot + N + M, rowdot + 2 * N + M, rowdot, rowdot + N)) {
+          continue;
+        }
         solve_one<scalar_t>(Cb, LM + b * N, LN + b * M, e, iters, tol_v, N, M, f, g, false, buf.data(),
                             buf.data() + M);
-        write_plan(Cb, f, g, e, N, M, P + b * N * M);
+        write_plan(Cb, f, g, e, N, M, Pb);
       }
     });
   });
