@@ -499,3 +499,29 @@ def _match(J, F, matching):
         Jm[:, t] = J[rows, cols, t]
         Fm[:, t] = F[rows, cols, t]
     return Jm, Fm
+
+
+def pairwise_jf_frames(frames, n_pred, n_gt, bound_th=0.008):
+    """pairwise_jf over a stream of frames whose proposals need not be label maps (they may overlap).
+
+    frames: iterable of (pred (P_t, H, W) bool with P_t <= n_pred, gt (n_gt, H, W) bool, void (H, W) bool or None);
+    missing proposals are empty. Returns J, F (n_pred, n_gt, T). Memory: one frame.
+    """
+    Js, Fs = [], []
+    for t, (pred, gt, void) in enumerate(frames):
+        if pred.shape[0] > n_pred:
+            raise TooManyObjectsError(f"frame {t}: {pred.shape[0]} proposals, more than {n_pred}")
+        if gt.shape[0] != n_gt:
+            raise ValueError(f"frame {t}: {gt.shape[0]} GT objects, expected {n_gt}")
+        pred = _pad_objects(pred, n_pred)
+        c = frame_pair_counts(pred, gt, void, boundary_radius(*gt.shape[-2:], bound_th))
+        Js.append(j_from_counts(c["inter"], c["union"]))
+        Fs.append(f_from_counts(c["fg_match"], c["gt_match"], c["n_fg"][:, None], c["n_gt"][None, :]))
+    return np.stack(Js, -1), np.stack(Fs, -1)
+
+
+def match_proposals(J, F, matching):
+    """Matched J, F (G, T) from all-pairs J, F (P, G, T), by the named protocol (see evaluate_unsupervised)."""
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    return _match(J, F, matching)
