@@ -271,8 +271,9 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
     is_main = rank == 0
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True)  # restored on return (callers may be tests or notebooks)
 
     # ---- model, teacher, optimiser. Every rank builds the same initial weights (the teacher is copied before DDP
     # would broadcast rank 0's student), then the RNGs are seeded per rank as the official code does (spec §3.3).
@@ -442,6 +443,7 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
             if world > 1:
                 dist.barrier()  # nobody starts the next step while rank 0 writes
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
