@@ -254,3 +254,16 @@ def test_bad_frames_raise():
         model(torch.randn(2, 3, 64, 64))
     with pytest.raises(ValueError, match="divisible by the patch size"):
         model(torch.randn(1, 2, 3, 60, 64))
+
+
+def test_resnet50_loads_moco_weights(tmp_path):
+    import torchvision
+
+    ref = torchvision.models.resnet50(weights=None)
+    sd = {"module.encoder_q." + k: v for k, v in ref.state_dict().items()}
+    sd["module.encoder_q.fc.0.weight"] = torch.zeros(2048, 2048)  # MoCo v2's MLP head: ignored
+    torch.save({"state_dict": sd, "epoch": 200}, tmp_path / "moco_v2_800ep_pretrain.pth.tar")
+    model = SMTC(SMTCConfig(backbone="resnet50", resolution=(64, 64), num_slots=4, num_instances=2))
+    model.encoder.load_moco(str(tmp_path / "moco_v2_800ep_pretrain.pth.tar"))
+    assert torch.equal(model.encoder.body[0].weight, ref.conv1.weight)
+    assert torch.equal(model.encoder.body[7][2].conv3.weight, ref.layer4[2].conv3.weight)
