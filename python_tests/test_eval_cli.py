@@ -136,7 +136,8 @@ def test_discovery_multi_with_perfect_candidates(tmp_path):
     assert s["official_proposals_kept"]["blackswan"] == [[0, 0], [1, 2]]
 
 
-def test_discovery_cli_tiny_smtc_checkpoint(tmp_path):
+def _tiny_checkpoint(tmp_path):
+    """A random one-block ViT-S/16 SMTC saved the way smtc_fast.train saves checkpoints."""
     from smtc_fast.models import SMTC, SMTCConfig
 
     cfg = SMTCConfig(depth=1, resolution=(64, 64), num_slots=4, num_instances=2)
@@ -145,6 +146,32 @@ def test_discovery_cli_tiny_smtc_checkpoint(tmp_path):
     ckpt = tmp_path / "tiny.pt"
     torch.save({"format": "smtc_fast", "model_config": json.dumps(cfg.to_dict()), "student": model.state_dict(),
                 "teacher": model.state_dict()}, ckpt)
+    return ckpt, model
+
+
+def test_eval_prop_cli_smtc_checkpoint_tokens(tmp_path):
+    """--features smtc: the checkpoint's encoder tokens (un-normed last block) on the 30 x 53 grid."""
+    from smtc_fast.evaluate import propagation as P
+    from smtc_fast.models import vit_forward
+
+    ckpt, model = _tiny_checkpoint(tmp_path)
+    root = _davis_root(tmp_path, n_frames=4)
+    out = tmp_path / "prop"
+    assert main(["eval-prop", "--root", str(root), "--out", str(out), "--features", "smtc", "--checkpoint",
+                 str(ckpt), "--device", "cpu", "--no-overlays"]) == 0
+    summary = json.load(open(out / "eval_prop-davis.json"))
+    assert 0.0 <= summary["global"]["J&F-Mean"] <= 1.0 and len(os.listdir(out / "blackswan")) == 4
+    # the features are the image resized to 480 x 848, through the encoder, last block without the final norm
+    img = P.normalize_images(eio.read_rgb(str(root / "JPEGImages/480p/blackswan/00000.jpg"))[None])
+    feats = P.ViTTokens(model)(img)
+    assert feats.shape == (1, 384, 30, 53)
+    small = torch.nn.functional.interpolate(img, size=(480, 848), mode="bilinear", align_corners=False)
+    _, tok, _ = vit_forward(model.eval().encoder, small, return_tokens=True)
+    torch.testing.assert_close(feats, tok.transpose(1, 2).reshape(1, 384, 30, 53))
+
+
+def test_discovery_cli_tiny_smtc_checkpoint(tmp_path):
+    ckpt, _ = _tiny_checkpoint(tmp_path)
     root = _davis_root(tmp_path, n_frames=5)
     out = tmp_path / "disc"
     args = ["eval-discovery", "--root", str(root), "--checkpoint", str(ckpt), "--out", str(out),
