@@ -481,15 +481,59 @@ def _add_dataclass_args(parser, cls, prefix="", help_map=None):
         elif "float" in kind:
             parser.add_argument(flag, type=float, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=str, default=default, help=help_text)
+            parser.add_argument(flag, type=str, default=default, choices=_CHOICES.get(f.name), help=help_text)
+
+
+_TRAIN_HELP = {
+    "data": "'synthetic', a video file or folder of videos, or a JPEGImages/<video>/*.jpg root",
+    "output": "run folder: last.pt, metrics.jsonl, config.json",
+    "steps": "total optimiser steps (the cosine schedule spans them)",
+    "batch_size": "clips per process (official: 32 per GPU x 4 GPUs)",
+    "num_frames": "frames per clip (T)",
+    "gap": "frame spacing within a clip",
+    "lr": "head lr (official script 2e-5); cosine to min_lr_ratio * lr, no warmup",
+    "min_lr_ratio": "final lr / lr",
+    "weight_decay": "AdamW decay on weight tensors (biases and 1-D tensors get 0)",
+    "grad_iter": "encoder frozen (lr 0) before this step (official 3000)",
+    "encoder_lr_mult": "encoder lr multiplier after grad_iter (official 0.01)",
+    "ema": "teacher EMA momentum (constant)",
+    "ema_encoder": "EMA the teacher's encoder too (paper Eq. 14); official: off",
+    "w_sem": "weight of L_sem", "w_reg": "weight of L_reg",
+    "sinkhorn_eps": "entropic regularisation of the L_sem transport",
+    "sinkhorn_iters": "Sinkhorn iterations of the L_sem transport",
+    "marginals": "L_sem marginals: 'norm' (official) or 'uniform' (paper Eq. 8)",
+    "cost": "L_sem cost: 'one_minus_cos' (official) or 'neg_cos' (paper Eq. 8)",
+    "obj_variant": "L_obj: 'cos' (official hinge) or 'l2' (paper Eq. 12)",
+    "obj_margin": "L_obj margin lambda",
+    "augment": "official photometric augmentation",
+    "crop_flip": "the paper's random resized crop + horizontal flip",
+    "synthetic_objects": "objects per synthetic clip",
+    "dino": "DINO ViT weights file for the encoder (dino_deitsmall16_pretrain.pth)",
+    "moco": "MoCo ResNet-50 weights file (--backbone resnet50)",
+    "init": "start from an SMTC checkpoint (released or ours)",
+    "resume": "checkpoint to continue, or 'auto' (<output>/last.pt when present)",
+    "stop_at": "end this run after this many steps with a checkpoint (resume later)",
+    "seed": "seed: data, augmentation and instance noise are functions of (seed, clip index)",
+    "workers": "data-loading worker processes",
+    "device": "'auto', 'cpu' or 'cuda'",
+    "amp": "bf16 autocast on CUDA",
+    "log_every": "steps between metrics.jsonl records",
+    "save_every": "steps between checkpoints (also saved at the end and on SIGINT/SIGTERM)",
+    "quiet": "no progress bar or start banner",
+}
+_MODEL_HELP.update({
+    "drop_path_rate": "stochastic depth of the student ViT (DINO default 0.1)",
+    "num_slots": "semantic slots S", "num_instances": "instance slots per semantic slot P (<= 6)",
+    "iters": "slot-attention iterations (3 in training, 5 in the official discovery eval)",
+    "mlp_slot_hidden": "hidden width of mlp_slot (default 2 * D)",
+})
+_CHOICES = {"marginals": ["norm", "uniform"], "cost": ["one_minus_cos", "neg_cos"], "obj_variant": ["cos", "l2"],
+            "device": ["auto", "cpu", "cuda"], "stage2_mask": ["logits", "prob", "soft"],
+            "slot_update": ["residual", "gru"]}
 
 
 def add_arguments(parser):
-    _add_dataclass_args(parser, TrainConfig, help_map={
-        "data": "'synthetic', a video file or folder of videos, or a JPEGImages/<video>/*.jpg root",
-        "resume": "checkpoint to continue, or 'auto' (<output>/last.pt when present)",
-        "grad_iter": "encoder frozen (lr 0) before this step (official 3000)",
-        "ema_encoder": "EMA the teacher's encoder too (paper Eq. 14); official: off"})
+    _add_dataclass_args(parser, TrainConfig, help_map=_TRAIN_HELP)
     model = parser.add_argument_group("model (SMTCConfig)")
     _add_dataclass_args(model, SMTCConfig, help_map=_MODEL_HELP)
     return parser
