@@ -155,12 +155,12 @@ def test_eval_prop_cli_smtc_checkpoint_tokens(tmp_path):
     from smtc_fast.models import vit_forward
 
     ckpt, model = _tiny_checkpoint(tmp_path)
-    root = _davis_root(tmp_path, n_frames=4)
+    root = _davis_root(tmp_path, n_frames=3)
     out = tmp_path / "prop"
     assert main(["eval-prop", "--root", str(root), "--out", str(out), "--features", "smtc", "--checkpoint",
                  str(ckpt), "--device", "cpu", "--no-overlays"]) == 0
     summary = json.load(open(out / "eval_prop-davis.json"))
-    assert 0.0 <= summary["global"]["J&F-Mean"] <= 1.0 and len(os.listdir(out / "blackswan")) == 4
+    assert 0.0 <= summary["global"]["J&F-Mean"] <= 1.0 and len(os.listdir(out / "blackswan")) == 3
     # the features are the image resized to 480 x 848, through the encoder, last block without the final norm
     img = P.normalize_images(eio.read_rgb(str(root / "JPEGImages/480p/blackswan/00000.jpg"))[None])
     feats = P.ViTTokens(model)(img)

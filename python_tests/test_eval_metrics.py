@@ -253,3 +253,23 @@ def test_miou_by_hand():
     assert miou == pytest.approx(np.nanmean(iou))
     with pytest.raises(ValueError, match="outside"):
         M.confusion_matrix(gt, pred + 20)
+
+
+@pytest.mark.parametrize("h,w", [(37, 53), (2, 2), (50, 1)])
+def test_label_map_path_equals_onehot_path(h, w):
+    """The label-map fast path (joint histogram, all boundaries in 3 passes) equals one-hot masks + seg2bmap."""
+    rng = np.random.default_rng(h + w)
+    smooth = ndimage.gaussian_filter(rng.standard_normal((h, w)), 2) if min(h, w) > 2 else rng.standard_normal((h, w))
+    gt = np.digitize(smooth, [-0.5, 0.0, 0.4]).astype(np.uint8)  # ids 0..3, 3 = an object the GT list lacks
+    pred = rng.integers(0, 6, (h, w)).astype(np.uint8)
+    pred[: h // 2] = gt[: h // 2]
+    void = np.zeros((h, w), bool)
+    void[:, w // 2:w // 2 + 1] = True
+    for v in (None, void):
+        a = M.frame_pair_counts_labels(pred, gt, 5, 2, v, radius=3)
+        b = M.frame_pair_counts(pred[None] == np.arange(1, 6)[:, None, None], gt[None] == np.arange(1, 3)[:, None, None],
+                                v, radius=3)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for k, idx in enumerate(M.label_boundary_pixels(gt, 3)):
+        np.testing.assert_array_equal(idx, np.flatnonzero(M.seg2bmap(gt == k + 1)))

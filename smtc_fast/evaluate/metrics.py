@@ -155,13 +155,26 @@ def frame_pair_counts(pred, gt, void=None, radius=None):
 
     bp = boundary_pixels(pred)  # P arrays of flat indices
     bg = boundary_pixels(gt)
-    n_fg = np.array([b.size for b in bp], dtype=np.int64)
-    n_gt = np.array([b.size for b in bg], dtype=np.int64)
+    fg_match, gt_match = boundary_matches(bp, bg, h, w, radius)
+    return dict(inter=inter, union=union, fg_match=fg_match, gt_match=gt_match,
+                n_fg=np.array([b.size for b in bp], dtype=np.int64), n_gt=np.array([b.size for b in bg], dtype=np.int64))
+
+
+def boundary_matches(bp, bg, h, w, radius):
+    """Boundary match counts of every pair from boundary pixel lists (flat indices into an h x w frame).
+
+    fg_match (P, G) = #pixels of bp[p] within `radius` of some pixel of bg[g] (official sum(fg_b * gt_dil));
+    gt_match (P, G) = #pixels of bg[g] within `radius` of some pixel of bp[p] (official sum(gt_b * fg_dil)).
+    "Within" is symmetric (|a - b| <= r), so both come from the disk neighbourhoods of the GT boundary pixels: GT
+    objects are few while proposals can be 20-300. fg_match gathers the dilated GT boundary at the pred boundary
+    pixels; gt_match ORs, over each GT boundary pixel's disk, a bit-packed image that says which proposals have a
+    boundary pixel there.
+    """
+    n_p, n_g = len(bp), len(bg)
     fg_match = np.zeros((n_p, n_g), dtype=np.int64)
     gt_match = np.zeros((n_p, n_g), dtype=np.int64)
     if n_p == 0 or n_g == 0:
-        return dict(inter=inter, union=union, fg_match=fg_match, gt_match=gt_match, n_fg=n_fg, n_gt=n_gt)
-
+        return fg_match, gt_match
     # which proposals have a boundary pixel at each location: ceil(P / 64) uint64 bit planes of (HW,)
     n_words = (n_p + 63) // 64
     bits = np.zeros((n_words, h * w), dtype=np.uint64)
@@ -184,7 +197,65 @@ def frame_pair_counts(pred, gt, void=None, radius=None):
                 gt_match[lo:hi, g] += counts[:hi - lo].astype(np.int64)
         for p in range(n_p):
             fg_match[p, g] = np.count_nonzero(dilated[bp[p]])
-    return dict(inter=inter, union=union, fg_match=fg_match, gt_match=gt_match, n_fg=n_fg, n_gt=n_gt)
+    return fg_match, gt_match
+
+
+def label_boundary_pixels(labels, n):
+    """Boundary pixels of objects 1..n of one (H, W) label map -> list of n flat index arrays, in ~3 passes.
+
+    seg2bmap marks a pixel of object k when its E, S or SE neighbour differs in (label == k); for a label map
+    that is: the pixel and its neighbour carry different labels, and one of them is k. So every differing
+    neighbour pair (a, b) marks the pixel for both a and b. The border rules of seg2bmap keep only the in-image
+    comparisons (last row: E only; last column: S only), which is exactly the set of pairs below.
+    """
+    h, w = labels.shape
+    lab = labels.astype(np.int64)
+    flat = np.arange(h * w, dtype=np.int64).reshape(h, w)
+    pos, lbl = [], []
+    for a, b, p in ((lab[:, :-1], lab[:, 1:], flat[:, :-1]),  # E
+                    (lab[:-1, :], lab[1:, :], flat[:-1, :]),  # S
+                    (lab[:-1, :-1], lab[1:, 1:], flat[:-1, :-1])):  # SE
+        d = a != b
+        pd = p[d]
+        pos += [pd, pd]
+        lbl += [a[d], b[d]]
+    pos = np.concatenate(pos)
+    lbl = np.concatenate(lbl)
+    keep = (lbl >= 1) & (lbl <= n)
+    key = np.unique(lbl[keep] * (h * w) + pos[keep])  # sorted by label, then pixel; duplicates removed
+    obj = key // (h * w)
+    cuts = np.searchsorted(obj, np.arange(1, n + 2))
+    pix = key % (h * w)
+    return [pix[cuts[k]:cuts[k + 1]] for k in range(n)]
+
+
+def frame_pair_counts_labels(pred, gt, n_pred, n_gt, void=None, radius=None):
+    """frame_pair_counts for (H, W) label maps (objects 1..n_pred / 1..n_gt; other ids are background).
+
+    Intersections come from one joint histogram of (pred id, GT id) and boundaries from label_boundary_pixels,
+    so the cost does not grow with the number of proposals the way one-hot masks do.
+    """
+    h, w = gt.shape
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} label maps differ in shape")
+    if radius is None:
+        radius = boundary_radius(h, w)
+    p = np.where((pred >= 1) & (pred <= n_pred), pred, 0).astype(np.int64)
+    g = np.where((gt >= 1) & (gt <= n_gt), gt, 0).astype(np.int64)
+    if void is not None:  # void pixels are background for every object (fg * ~void, & ~void)
+        p[void] = 0
+        g[void] = 0
+    joint = np.bincount((p * (n_gt + 1) + g).reshape(-1), minlength=(n_pred + 1) * (n_gt + 1))
+    joint = joint.reshape(n_pred + 1, n_gt + 1)
+    inter = joint[1:, 1:]
+    area_p = joint[1:, :].sum(1)
+    area_g = joint[:, 1:].sum(0)
+    union = area_p[:, None] + area_g[None, :] - inter
+    bp = label_boundary_pixels(p, n_pred)
+    bg = label_boundary_pixels(g, n_gt)
+    fg_match, gt_match = boundary_matches(bp, bg, h, w, radius)
+    return dict(inter=inter.astype(np.int64), union=union.astype(np.int64), fg_match=fg_match, gt_match=gt_match,
+                n_fg=np.array([b.size for b in bp], dtype=np.int64), n_gt=np.array([b.size for b in bg], dtype=np.int64))
 
 
 def j_from_counts(inter, union):
@@ -425,7 +496,7 @@ def miou_from_confusion(hist):
 # one DAVIS sequence from label maps (what evaluation_method.py does per sequence, without the one-hot video)
 
 def pairwise_jf_labels(gt_labels, pred_labels, n_gt, n_pred, void=None, bound_th=0.008):
-    """pairwise_jf on integer label maps, one-hot encoded one frame at a time.
+    """pairwise_jf on integer label maps, one frame at a time (frame_pair_counts_labels).
 
     gt_labels, pred_labels (T, H, W) int; objects are ids 1..n_gt / 1..n_pred (other ids are ignored);
     void (T, H, W) bool or None. Returns J, F (n_pred, n_gt, T). The official code materialises
@@ -437,11 +508,9 @@ def pairwise_jf_labels(gt_labels, pred_labels, n_gt, n_pred, void=None, bound_th
     radius = boundary_radius(h, w, bound_th)
     J = np.zeros((n_pred, n_gt, n_t))
     F = np.zeros((n_pred, n_gt, n_t))
-    ids_p = np.arange(1, n_pred + 1)[:, None, None]
-    ids_g = np.arange(1, n_gt + 1)[:, None, None]
     for t in range(n_t):
-        c = frame_pair_counts(pred_labels[t][None] == ids_p, gt_labels[t][None] == ids_g,
-                              None if void is None else void[t], radius)
+        c = frame_pair_counts_labels(pred_labels[t], gt_labels[t], n_pred, n_gt, None if void is None else void[t],
+                                     radius)
         J[:, :, t] = j_from_counts(c["inter"], c["union"])
         F[:, :, t] = f_from_counts(c["fg_match"], c["gt_match"], c["n_fg"][:, None], c["n_gt"][None, :])
     return J, F
