@@ -112,3 +112,14 @@ def test_bad_input(args, match):
 def test_cpp_op_validates_too():
     with pytest.raises(RuntimeError, match="feature dim D"):
         torch.ops.smtc_fast.correlation(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_within_policy(dtype):
+    from smtc_fast.testing import assert_within_reference_error
+
+    a, b = torch.randn(4, 100, 70, device="cuda"), torch.randn(4, 90, 70, device="cuda")
+    exact = correlation_reference(a.double(), b.double())
+    assert_within_reference_error(correlation(a.to(dtype), b.to(dtype)),
+                                  correlation_reference(a.to(dtype), b.to(dtype)), exact)

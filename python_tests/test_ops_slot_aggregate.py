@@ -175,3 +175,14 @@ def test_forced_reference_equals_kernel(monkeypatch):
 def test_bad_input(kwargs, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         slot_aggregate(**kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_within_policy(dtype):
+    from smtc_fast.testing import assert_within_reference_error
+
+    logits, values, mask = make((4, 16, 4, 256, 64), "cuda", torch.float32)
+    exact = slot_aggregate_reference(logits.double(), values.double(), mask.double())[0]
+    low = [t.detach().to(dtype) for t in (logits, values, mask)]
+    assert_within_reference_error(slot_aggregate(*low)[0], slot_aggregate_reference(*low)[0], exact)

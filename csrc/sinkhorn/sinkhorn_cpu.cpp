@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/alloc.h"
 #include "common/cpu.h"
 #include "sinkhorn/sinkhorn.h"
 #include "sinkhorn/sinkhorn_check.h"
@@ -312,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& co
   const auto log_mu = log_mu_in.contiguous();
   const auto log_nu = log_nu_in.contiguous();
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  auto plan = at::empty_like(cost);
+  auto plan = empty_output(cost.sizes(), cost.options());
   auto f_out = at::empty({B, N}, cost.options());
   auto g_out = at::empty({B, M}, cost.options());
   if (cost.numel() == 0) {
@@ -320,7 +321,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& co
     g_out.zero_();
     return {plan, f_out, g_out};
   }
-  advise_huge_pages(plan.data_ptr(), plan.nbytes());
   const double tol_v = tol.has_value() ? *tol : -1.0;
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "smtc_fast::sinkhorn (CPU)", [&] {
     const scalar_t* C = cost.data_ptr<scalar_t>();
@@ -365,9 +365,8 @@ at::Tensor sinkhorn_backward_cpu(const at::Tensor& grad_plan_in, const at::Tenso
   const auto grad_f = grad_f_in.contiguous();
   const auto grad_g = grad_g_in.contiguous();
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  auto grad_cost = at::empty_like(cost);
+  auto grad_cost = empty_output(cost.sizes(), cost.options());
   if (cost.numel() == 0) return grad_cost;
-  advise_huge_pages(grad_cost.data_ptr(), grad_cost.nbytes());
   const double tol_v = tol.has_value() ? *tol : -1.0;
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "smtc_fast::_sinkhorn_backward (CPU)", [&] {
     const scalar_t* C = cost.data_ptr<scalar_t>();

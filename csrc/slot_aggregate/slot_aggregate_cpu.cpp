@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/alloc.h"
 #include "common/cpu.h"
 #include "slot_aggregate/slot_aggregate.h"
 #include "slot_aggregate/slot_aggregate_check.h"
@@ -133,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
   const auto logits = logits_in.contiguous();
   const int64_t B = logits.size(0), G = logits.size(1), P = logits.size(2), N = logits.size(3);
   const int64_t D = values.size(2);
-  auto attn = at::empty_like(logits);
+  auto attn = empty_output(logits.sizes(), logits.options());
   at::Tensor mask;
   if (mask_in.has_value()) mask = mask_in->contiguous();
   if (attn.numel() > 0) {
@@ -152,7 +153,9 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
     });
   }
   // updates (B, G*P, D) = attn (B, G*P, N) @ values (B, N, D)
-  auto updates = at::bmm(attn.view({B, G * P, N}), values).view({B, G, P, D});
+  auto updates = empty_output({B, G * P, D}, logits.options());
+  at::bmm_out(updates, attn.view({B, G * P, N}), values);
+  updates = updates.view({B, G, P, D});
   return {updates, attn};
 }
 
@@ -176,8 +179,10 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cpu(const at::Tensor&
   if (mask_in.has_value()) mask = mask_in->contiguous();
   auto gu = grad_updates.reshape({B, G * P, D});
   // dL/dattn = grad_attn + grad_updates @ values^T, accumulated in place in one buffer.
-  auto grad_logits = at::baddbmm(grad_attn.reshape({B, G * P, N}), gu, values.transpose(1, 2)).contiguous();
-  auto grad_values = at::bmm(attn.view({B, G * P, N}).transpose(1, 2), gu);
+  auto grad_logits = empty_output({B, G * P, N}, logits.options());
+  at::baddbmm_out(grad_logits, grad_attn.reshape({B, G * P, N}), gu, values.transpose(1, 2));
+  auto grad_values = empty_output({B, N, D}, logits.options());
+  at::bmm_out(grad_values, attn.view({B, G * P, N}).transpose(1, 2), gu);
   if (grad_logits.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "smtc_fast::_slot_aggregate_backward (CPU)", [&] {
       const scalar_t* Lp = logits.data_ptr<scalar_t>();

@@ -16,7 +16,7 @@ if torch.version.cuda is not None:
     toolkit = next((h for h in homes if h and os.path.exists(os.path.join(h, "include", "cuda_runtime_api.h"))), None)
     import nvidia
 
-    nvlib = next((p for p in glob.glob(os.path.join(os.path.dirname(nvidia.__path__[0]), "nvidia", "cu*", "lib"))), None)
+    nvlib = next((p for p in glob.glob(os.path.join(os.path.dirname(nvidia.__path__[0]), "nvidia", "cu[0-9]*", "lib"))), None)
     if toolkit:
         args += [f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}", f"-DCUDA_INCLUDE_DIRS={toolkit}/include",
                  f"-DCUDA_CUDART_LIBRARY={toolkit}/lib/libcudart.so"]
