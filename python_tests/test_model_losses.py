@@ -105,11 +105,10 @@ def test_reg_loss_hand_values():
 
 
 def test_validity_filter_hand_made():
-    S, n, D = 2, 10, 3
+    S, n = 2, 10
     logits = torch.zeros(1, 1, S, n)
     logits[0, 0, 0, :3] = 10.0   # slot 0 wins 3/10 tokens: area 0.3 > 0.2
     logits[0, 0, 1, 3:] = 10.0   # slot 1 wins the other 7 tokens: area 0.7
-    logits[0, 0, 1, :] -= 0.0
     sem = torch.tensor([[[[1.0, 0, 0], [0, 1.0, 0]]]])
     inst = torch.tensor([[[[[1.0, 0.1, 0], [0, 1.0, 0]], [[0, 1.0, 0.2], [1.0, 0, 0]]]]])  # (1,1,S,P=2,D)
     v = valid_instances(logits, sem, inst)

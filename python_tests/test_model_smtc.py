@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smtc_fast.losses import object_loss, overlap_loss, semantic_loss, valid_instances
+from smtc_fast.losses import object_loss, overlap_loss, semantic_loss
 from smtc_fast.models import SMTC, SMTCConfig, interpolate_pos_embed, load_checkpoint, vit_forward
 
 @pytest.fixture(autouse=True)
@@ -267,3 +267,29 @@ def test_resnet50_loads_moco_weights(tmp_path):
     model.encoder.load_moco(str(tmp_path / "moco_v2_800ep_pretrain.pth.tar"))
     assert torch.equal(model.encoder.body[0].weight, ref.conv1.weight)
     assert torch.equal(model.encoder.body[7][2].conv3.weight, ref.layer4[2].conv3.weight)
+
+
+def test_kernels_and_references_give_the_same_training_step(monkeypatch):
+    """The model and losses through the compiled ops (when built) and through SMTC_FAST_FORCE_REFERENCE=1."""
+    torch.manual_seed(0)
+    model = SMTC(tiny(stage2_mask="soft"))
+    x = torch.randn(2, 3, 3, 64, 64)
+    noise = torch.randn(6, 4, 3, 192)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x, noise)
+        ones = torch.ones(out.proj.shape[:-1])
+        loss = semantic_loss(out.semantic_logits, out.semantic_logits.detach(), out.keys.detach()) \
+            + overlap_loss(out.semantic_logits) + object_loss(out.proj, out.proj.detach(), ones, ones)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    monkeypatch.setenv("SMTC_FAST_FORCE_REFERENCE", "0")
+    loss_k, grads_k = run()
+    monkeypatch.setenv("SMTC_FAST_FORCE_REFERENCE", "1")
+    loss_r, grads_r = run()
+    torch.testing.assert_close(loss_k, loss_r, atol=1e-5, rtol=1e-5)
+    assert grads_k.keys() == grads_r.keys()
+    for n in grads_k:
+        torch.testing.assert_close(grads_k[n], grads_r[n], atol=1e-4, rtol=1e-3, msg=n)

@@ -5,7 +5,6 @@
 Shapes: B clips, T frames, S semantic slots, P instance slots, n = h*w tokens, D feature dim.
 """
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F

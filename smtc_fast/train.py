@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -80,10 +80,6 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     quiet: bool = False                # no progress bar / start banner
-
-
-def model_config_fields():
-    return [f for f in dataclasses.fields(SMTCConfig)]
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers

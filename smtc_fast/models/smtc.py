@@ -8,7 +8,7 @@
 """
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -162,7 +162,10 @@ class SMTC(nn.Module):
 
     @torch.no_grad()
     def predict(self, frames, instance_noise=None):
-        """Inference (spec §1.4) at any input size divisible by the stride -> SMTCPrediction."""
+        """Inference (spec §1.4) at any input size divisible by the stride -> SMTCPrediction.
+
+        Call model.eval() first (DropPath is active in train mode). The official discovery evaluation builds the
+        model with iters=5 (spec §4.2): SMTCConfig(iters=5) loads the same weights."""
         from smtc_fast.losses import valid_instances
 
         out = self.forward(frames, instance_noise=instance_noise)
