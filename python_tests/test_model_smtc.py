@@ -293,3 +293,21 @@ def test_kernels_and_references_give_the_same_training_step(monkeypatch):
     assert grads_k.keys() == grads_r.keys()
     for n in grads_k:
         torch.testing.assert_close(grads_k[n], grads_r[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_bf16_autocast_forward_and_losses():
+    """The trainer's CUDA path runs under bf16 autocast; the same dtype plumbing is checked here on the CPU."""
+    from smtc_fast.losses import smtc_losses
+
+    torch.manual_seed(0)
+    model = SMTC(tiny())
+    x = torch.randn(1, 2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = model(x)
+        with torch.no_grad():
+            t = model(x)
+    assert s.semantic_logits.dtype == torch.bfloat16
+    losses = smtc_losses(s, t)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["total"].dtype == torch.float32
+    losses["total"].backward()
+    assert model.slot_attention.project_q.weight.grad is not None

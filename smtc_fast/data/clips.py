@@ -123,7 +123,10 @@ class VideoFileClips(torch.utils.data.Dataset):
 
 
 def open_clips(source, num_frames=4, gap=4, size=(256, 256), seed=0, **synthetic_kwargs):
-    """A clip dataset from a source string: 'synthetic', a video file / folder of videos, or a frame-folder root."""
+    """A clip dataset from a source string: 'synthetic', a video file / folder of videos, or a frame-folder root.
+
+    Synthetic clips ignore `gap` (their frames are consecutive; the motion per frame is set by make_clip's
+    max_speed), so the default `--gap 4` of the trainer does not quadruple the synthetic motion."""
     from smtc_fast.data.synthetic import SyntheticClips
 
     if source == "synthetic":
