@@ -213,3 +213,34 @@ def test_learning_improves_discovery_longer(tmp_path):
     first 150-300 steps and then plateaus (measured every 150 steps up to 900: 0.58 0.60 0.48 0.54 0.52 0.53)."""
     before, after = _learning_run(tmp_path, 600, 16)
     assert after["fg_iou"] > before["fg_iou"] + 0.1
+
+
+def test_paper_variants_and_init_train_end_to_end(tmp_path, capsys):
+    """Every paper option (spec §5.1) wired through the trainer, starting from a released-format checkpoint."""
+    mc = tiny_model(slot_update="gru", stage2_mask="prob")
+    torch.manual_seed(1)
+    released = SMTC(mc).state_dict()
+    torch.save({"iteration": 0, "model_state_dict": released}, tmp_path / "released.pth")
+    summary = train(tiny_train(tmp_path / "run", steps=2, marginals="uniform", cost="neg_cos", obj_variant="l2",
+                               ema_encoder=True, crop_flip=True, grad_iter=0, init=str(tmp_path / "released.pth"),
+                               lr=0.0, ema=1.0), mc)
+    assert summary["exit_code"] == 0 and "(official checkpoint)" in capsys.readouterr().out
+    assert all(torch.isfinite(torch.tensor(summary["last"][k])) for k in ("loss", "sem", "reg", "obj"))
+    # lr 0 and momentum 1: neither network moved away from the released weights (the encoder EMA included)
+    for k, v in summary["teacher"].state_dict().items():
+        assert torch.equal(v, released[k]), k
+
+
+def test_ema_skips_the_encoder_unless_asked():
+    from smtc_fast.train import ema_update
+
+    torch.manual_seed(0)
+    student, teacher = SMTC(tiny_model()), SMTC(tiny_model())
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, 0.75, include_encoder=False)
+    s = student.state_dict()
+    for k, v in teacher.state_dict().items():
+        want = t0[k] if k.startswith("encoder.") else 0.75 * t0[k] + 0.25 * s[k]
+        torch.testing.assert_close(v, want, msg=k)
+    ema_update(teacher, student, 0.0, include_encoder=True)
+    assert torch.equal(teacher.encoder.pos_embed, student.encoder.pos_embed)
