@@ -84,17 +84,17 @@ def test_eval_masks_size_mismatch_names_file(tmp_path, capsys):
 
 
 def test_eval_prop_cli_colour_features(tmp_path, capsys):
-    root = _davis_root(tmp_path)
+    root = _davis_root(tmp_path, n_frames=6)
     out = tmp_path / "prop"
     rc = main(["eval-prop", "--root", str(root), "--out", str(out), "--features", "color",
                "--preset", "smtc-stride16", "--device", "cpu"])
     assert rc == 0
     summary = json.load(open(out / "eval_prop-davis.json"))
-    # the same pipeline as the pinned propagation test (frames 0-11, SMTC stride-16 settings)
-    assert summary["global"]["J&F-Mean"] == pytest.approx(0.855691, abs=2e-4)
+    # the pipeline of the pinned propagation test on frames 0-5 (scored: 1-4), SMTC stride-16 settings
+    assert summary["global"]["J&F-Mean"] == pytest.approx(0.844827, abs=2e-4)
     assert summary["settings"]["topk"] == 7 and summary["settings"]["radius"] == 7
     pngs = sorted(os.listdir(out / "blackswan"))
-    assert pngs[0] == "00000.png" and len(pngs) == 12
+    assert pngs[0] == "00000.png" and len(pngs) == 6
     from PIL import Image
     assert Image.open(out / "blackswan" / "00005.png").mode == "P"
     assert os.path.isfile(out / "overlays" / "blackswan.jpg")

@@ -35,19 +35,19 @@ def add_arguments(parser):
                              "(davis2017-evaluation); 'per-frame' = the SMTC repository's copy, per-frame matching, "
                              "<= 300 proposals (protocol §1.8)")
     parser.add_argument("--max-proposals", type=int, default=None,
-                        help="cap on proposal ids (default: 20 for official, 300 for per-frame matching)")
+                        help="cap on proposal ids (unset: 20 for official, 300 for per-frame matching)")
     parser.add_argument("--set", default="val", help="subset: ImageSets/<year>/<set>.txt (default from "
                                                        "evaluation_method.py)")
     parser.add_argument("--resolution", default="480p", help="image / annotation folder (official default 480p)")
     parser.add_argument("--sequences", nargs="*", default=None,
-                        help="score only these sequences (default: all of the set's list)")
+                        help="score only these sequences (unset: all of the set's list)")
     parser.add_argument("--binary", action="store_true",
                         help="DAVIS-2016 style: every non-zero GT / prediction value is one object (a 0/255 PNG "
                              "would otherwise read 255 as void); sequence list from ImageSets/2016 when present")
     parser.add_argument("--json", default=None,
-                        help="full-precision JSON summary (default: <results>/eval_masks-<task>-<set>.json)")
+                        help="full-precision JSON summary (unset: <results>/eval_masks-<task>-<set>.json)")
     parser.add_argument("--overlays", default=None,
-                        help="folder for one overlay per sequence (default: <results>/overlays; '' = none)")
+                        help="folder for one overlay per sequence (unset: <results>/overlays; '' = none)")
 
 
 def sequence_list(davis_root, task, subset, binary=False):

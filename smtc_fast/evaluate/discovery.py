@@ -326,10 +326,11 @@ def add_arguments(parser):
                         help="similarity = cos(semantic, instance) >= 0.5 (eval_multi.py); valid = the training "
                              "validity filter (similarity and area)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="binarisation after min-max (default: 0.3 multi-object, SMTC results.py; 0.5 single)")
+                        help="binarisation after min-max (unset: 0.3 multi-object, SMTC results.py; 0.5 single)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the instance-slot noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-overlays", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device (cuda when available)")
+    parser.add_argument("--no-overlays", action="store_true", help="skip the per-video overlay images")
 
 
 def run(args):

@@ -595,17 +595,17 @@ def add_arguments(parser):
                              "timm: a timm ViT (--backbone) with --checkpoint weights; color: a weight-free baseline")
     parser.add_argument("--checkpoint", default=None, help="weights for --features smtc / timm")
     parser.add_argument("--backbone", default="vit_small_patch16_224", help="timm name for --features timm "
-                                                                             "(default: DINO ViT-S/16)")
+                                                                             "(DINO ViT-S/16)")
     parser.add_argument("--set", default="val", help="DAVIS ImageSets/2017/<set>.txt, VIP lists/<set>_videos.txt")
-    parser.add_argument("--sequences", nargs="*", default=None, help="only these videos (default: the whole list)")
+    parser.add_argument("--sequences", nargs="*", default=None, help="only these videos (unset: the whole list)")
     parser.add_argument("--filelist", default=None, help="JHMDB: '<img_dir> <mat>' lines (UVC testlist_split1.txt)")
     parser.add_argument("--crop-size", type=int, default=None,
-                        help="square resize before the backbone (default per dataset, CRW: davis -1 = native, "
+                        help="square resize before the backbone (unset: per dataset, CRW: davis -1 = native, "
                              "jhmdb 320, vip 560)")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per feature batch (official: 16)")
     parser.add_argument("--chunk", type=int, default=1024, help="queries per affinity chunk (memory only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (default: cuda when available)")
+                        help="device (cuda when available)")
     parser.add_argument("--max-videos", type=int, default=None, help="JHMDB: only the first N videos")
     parser.add_argument("--no-overlays", action="store_true", help="skip the per-video overlay images")
 
