@@ -183,3 +183,32 @@ def test_discovery_cli_tiny_smtc_checkpoint(tmp_path):
     assert main(args) == 0  # seeded: a second run gives the same numbers
     s2 = json.load(open(out / "eval_discovery-davis2017.json"))
     assert s1["global"] == s2["global"]
+
+
+def test_discovery_single_object_davis2016_layout(tmp_path):
+    """Single-object IoU pooled over frames: a GT-shaped candidate plus its complement (a background slot).
+    The oracle keeps only the object; merging every candidate covers the whole frame."""
+    root = tmp_path / "DAVIS2016"
+    for sub in ("JPEGImages/480p/blackswan", "Annotations/480p/blackswan"):
+        (root / sub).mkdir(parents=True)
+    for i in range(4):
+        shutil.copy(os.path.join(D16, "JPEGImages/480p/blackswan", f"{i:05d}.jpg"), root / "JPEGImages/480p/blackswan")
+        shutil.copy(os.path.join(D16, "Annotations/480p/blackswan", f"{i:05d}.png"), root / "Annotations/480p/blackswan")
+
+    class Producer:
+        def __call__(self, rgb):
+            out = []
+            for i in range(rgb.shape[0]):
+                g = eio.read_label(str(root / "Annotations/480p/blackswan" / f"{i:05d}.png")) > 0
+                m = torch.as_tensor(g).float()[None]
+                out.append((torch.cat([m, 1 - m]), [(0, 0), (1, 0)]))
+            return out
+
+    s = Dsc.evaluate_single(str(root), "davis2016", Producer(), str(tmp_path / "o"), sequences=["blackswan"],
+                            progress=False)
+    assert s["global"]["frames"] == 4
+    assert s["global"]["IoU (oracle selection)"] == pytest.approx(1.0, abs=1e-9)
+    fg = np.mean([(eio.read_label(str(root / "Annotations/480p/blackswan" / f"{i:05d}.png")) > 0).mean()
+                  for i in range(4)])
+    assert s["global"]["IoU (all candidates)"] == pytest.approx(fg, rel=0.05)
+    assert os.path.isfile(tmp_path / "o" / "overlays" / "blackswan.jpg")
