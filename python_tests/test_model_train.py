@@ -131,7 +131,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
         torch.testing.assert_close(w1[k], w2[k], atol=2e-4, rtol=1e-3, msg=k)
 
 
-def test_sigterm_saves_a_checkpoint(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     cmd, env = _cli(tmp_path, "--steps", "100000", "--device", "cpu")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -142,7 +142,19 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert ckpt["step"] >= 2 and "interrupted: checkpoint saved" in err
+    k = ckpt["step"]
+    assert k >= 2 and "interrupted: checkpoint saved" in err
+    # resume the killed run for 2 more steps; it must end where an uninterrupted run with the same schedule ends
+    cmd, env = _cli(tmp_path, "--steps", "100000", "--device", "cpu", "--resume", "auto", "--stop-at", str(k + 2))
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
+    cmd, env = _cli(tmp_path / "ref", "--steps", "100000", "--device", "cpu", "--stop-at", str(k + 2))
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
+    a = torch.load(tmp_path / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == k + 2
+    for key in b["student"]:
+        assert torch.equal(a["student"][key], b["student"][key]), key
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
 
 
 def test_frame_folder_and_video_datasets(tmp_path):
