@@ -36,7 +36,7 @@ def environment():
     except (OSError, StopIteration):
         pass
     info = smtc_fast.build_info()
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,  # threads: see config
             "python": platform.python_version(), "commit": commit, "extension": info["extension"],
             "cpu_kernels": info["cpu_kernels"], "load_avg": os.getloadavg()}
 
