@@ -118,8 +118,8 @@ def propagate_dense(query, first_feats, first_labels, ctx_feats, ctx_labels, gri
             lo = max(0, int(qy[0]) - r_int) * w
             hi = min(h, int(qy[-1]) + r_int + 1) * w
             nbr = torch.where(valid, ky * w + kx, torch.full_like(ky, lo))  # (c, K_r) flat key index
-            # key frames in groups so that the (g, c, band) logits stay ~16 M floats
-            group = max(1, min(n_ctx, 16_000_000 // max(1, q.shape[0] * (hi - lo))))
+            # key frames in groups so that the (g, c, band) logits stay ~4 M floats (16 MB)
+            group = max(1, min(n_ctx, 4_000_000 // max(1, q.shape[0] * (hi - lo))))
             for j0 in range(0, n_ctx, group):
                 g = min(group, n_ctx - j0)
                 v = torch.matmul(q, ctx_feats[j0:j0 + g, lo:hi].transpose(1, 2))  # (g, c, band)
