@@ -17,10 +17,10 @@ namespace smtc {
 namespace slot_aggregate {
 namespace {
 
-// One (frame, group) tile: logits L (P x N) -> attn W (P x N). col* are N-long scratch rows.
+// Softmax over the P rows of a tile, column by column, vectorised along the tokens:
+// E = exp(L - column max) (P x N) and colinv = 1 / column sum of E, so softmax = E * colinv.
 template <typename T>
-SMTC_ALWAYS_INLINE void forward_tile_impl(const T* L, const T* mask, T eps, int64_t P, int64_t N, T* W, T* colmax,
-                                          T* colinv) {
+SMTC_ALWAYS_INLINE void column_softmax_impl(const T* L, int64_t P, int64_t N, T* E, T* colmax, T* colinv) {
   std::fill(colmax, colmax + N, neg_inf<T>());
   for (int64_t q = 0; q < P; ++q) {
     const T* l = L + q * N;
@@ -28,17 +28,24 @@ SMTC_ALWAYS_INLINE void forward_tile_impl(const T* L, const T* mask, T eps, int6
     for (int64_t n = 0; n < N; ++n) colmax[n] = vmax(colmax[n], l[n]);
   }
   std::fill(colinv, colinv + N, T(0));
-  for (int64_t q = 0; q < P; ++q) {  // W temporarily holds exp(logit - column max)
+  for (int64_t q = 0; q < P; ++q) {
     const T* l = L + q * N;
-    T* w = W + q * N;
+    T* e = E + q * N;
     SMTC_SIMD
     for (int64_t n = 0; n < N; ++n) {
-      w[n] = fast_exp(l[n] - colmax[n]);
-      colinv[n] += w[n];
+      e[n] = fast_exp(l[n] - colmax[n]);
+      colinv[n] += e[n];
     }
   }
   SMTC_SIMD
   for (int64_t n = 0; n < N; ++n) colinv[n] = T(1) / colinv[n];
+}
+
+// One (frame, group) tile: logits L (P x N) -> attn W (P x N). col* are N-long scratch rows.
+template <typename T>
+SMTC_ALWAYS_INLINE void forward_tile_impl(const T* L, const T* mask, T eps, int64_t P, int64_t N, T* W, T* colmax,
+                                          T* colinv) {
+  column_softmax_impl(L, P, N, W, colmax, colinv);  // W holds exp(logit - column max) for now
   const bool masked = mask != nullptr;
   for (int64_t q = 0; q < P; ++q) {
     T* w = W + q * N;
@@ -66,25 +73,7 @@ SMTC_ALWAYS_INLINE void forward_tile_impl(const T* L, const T* mask, T eps, int6
 template <typename T>
 SMTC_ALWAYS_INLINE void backward_tile_impl(const T* L, const T* mask, const T* W, T eps, int64_t P, int64_t N,
                                            T* GW, T* colmax, T* colinv, T* coldot, T* prob) {
-  // Recompute the softmax p (P x N) into `prob`, as in the forward.
-  std::fill(colmax, colmax + N, neg_inf<T>());
-  for (int64_t q = 0; q < P; ++q) {
-    const T* l = L + q * N;
-    SMTC_SIMD
-    for (int64_t n = 0; n < N; ++n) colmax[n] = vmax(colmax[n], l[n]);
-  }
-  std::fill(colinv, colinv + N, T(0));
-  for (int64_t q = 0; q < P; ++q) {
-    const T* l = L + q * N;
-    T* p = prob + q * N;
-    SMTC_SIMD
-    for (int64_t n = 0; n < N; ++n) {
-      p[n] = fast_exp(l[n] - colmax[n]);
-      colinv[n] += p[n];
-    }
-  }
-  SMTC_SIMD
-  for (int64_t n = 0; n < N; ++n) colinv[n] = T(1) / colinv[n];
+  column_softmax_impl(L, P, N, prob, colmax, colinv);  // recompute the softmax, as in the forward
   const bool masked = mask != nullptr;
   std::fill(coldot, coldot + N, T(0));
   for (int64_t q = 0; q < P; ++q) {
@@ -164,17 +153,11 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cpu(const at::Tensor&
                                                                const at::Tensor& logits_in, const at::Tensor& values,
                                                                const c10::optional<at::Tensor>& mask_in,
                                                                const at::Tensor& attn_in, double eps) {
-  check_slot_aggregate_args(logits_in, values, mask_in, eps);
-  TORCH_CHECK(grad_attn.sizes() == logits_in.sizes() && attn_in.sizes() == logits_in.sizes(),
-              "grad_attn and attn must have the shape of logits ", logits_in.sizes());
+  check_slot_aggregate_backward_args(grad_updates, grad_attn, logits_in, values, mask_in, attn_in, eps);
   const auto logits = logits_in.contiguous();
   const auto attn = attn_in.contiguous();
   const int64_t B = logits.size(0), G = logits.size(1), P = logits.size(2), N = logits.size(3);
   const int64_t D = values.size(2);
-  TORCH_CHECK(grad_updates.dim() == 4 && grad_updates.size(0) == B && grad_updates.size(1) == G &&
-                  grad_updates.size(2) == P && grad_updates.size(3) == D,
-              "grad_updates must have shape (B, G, P, D) = (", B, ", ", G, ", ", P, ", ", D, "), got ",
-              grad_updates.sizes());
   at::Tensor mask;
   if (mask_in.has_value()) mask = mask_in->contiguous();
   auto gu = grad_updates.reshape({B, G * P, D});

@@ -43,9 +43,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cuda(const at::Tensor
                                                                 const at::Tensor& logits_in, const at::Tensor& values,
                                                                 const c10::optional<at::Tensor>& mask_in,
                                                                 const at::Tensor& attn_in, double eps) {
-  check_slot_aggregate_args(logits_in, values, mask_in, eps);
-  TORCH_CHECK(grad_attn.sizes() == logits_in.sizes() && attn_in.sizes() == logits_in.sizes(),
-              "grad_attn and attn must have the shape of logits ", logits_in.sizes());
+  check_slot_aggregate_backward_args(grad_updates_in, grad_attn, logits_in, values, mask_in, attn_in, eps);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
   const auto attn = attn_in.contiguous();
