@@ -62,12 +62,15 @@ class SMTCCandidates:
         self.mean, self.std = NORMALIZATION[normalization]
         self.candidates, self.sim_thresh, self.device = candidates, sim_thresh, device
 
+    def _prepare(self, rgb):
+        """(n, H, W, 3) uint8 -> (n, 3, h, w) resized (bilinear) and normalised."""
+        x = torch.as_tensor(rgb).permute(0, 3, 1, 2).float().div(255.0)
+        x = F.interpolate(x, size=self.resolution, mode="bilinear", align_corners=False)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
     @torch.no_grad()
     def __call__(self, rgb):
         T = rgb.shape[0]
-        x = torch.as_tensor(rgb).permute(0, 3, 1, 2).float().div(255.0)
-        x = F.interpolate(x, size=self.resolution, mode="bilinear", align_corners=False)
-        x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
         n = self.num_frames
         starts = list(range(0, max(T - n, 0) + 1, n))
         if starts[-1] + n < T:
@@ -78,7 +81,8 @@ class SMTCCandidates:
             idx = [min(max(s, 0) + i, T - 1) for i in range(n)]  # a video shorter than a window repeats its end
             g = torch.Generator().manual_seed(self.seed * 100003 + w)
             noise = torch.randn(n, cfg.num_slots, cfg.num_instances, self.model.encoder.embed_dim, generator=g)
-            pred = self.model.predict(x[idx][None].to(self.device), instance_noise=noise.to(self.device))
+            x = self._prepare(rgb[idx])  # one window at a time: a long FBMS video never sits in memory as floats
+            pred = self.model.predict(x[None].to(self.device), instance_noise=noise.to(self.device))
             for i, t in enumerate(idx):
                 if out[t] is not None:
                     continue
