@@ -115,6 +115,11 @@ def save_overlay(path, rgb, pred, gt=None, max_width=1600):
     if gt is not None:
         panels.append(blend(rgb, np.where(gt == 255, 0, gt)))
     img = Image.fromarray(np.concatenate(panels, axis=1))
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    for i, name in enumerate(["prediction", "ground truth"][:len(panels)]):
+        draw.text((i * rgb.shape[1] + 8, 8), name, fill=(255, 255, 255))
     if img.width > max_width:
         img = img.resize((max_width, round(img.height * max_width / img.width)), Image.BILINEAR)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
