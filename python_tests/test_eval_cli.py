@@ -212,3 +212,51 @@ def test_discovery_single_object_davis2016_layout(tmp_path):
                   for i in range(4)])
     assert s["global"]["IoU (all candidates)"] == pytest.approx(fg, rel=0.05)
     assert os.path.isfile(tmp_path / "o" / "overlays" / "blackswan.jpg")
+
+
+def _fg_producer(masks_per_frame):
+    """Candidates = the given (H, W) bool foreground per frame (None: no candidate)."""
+    def produce(rgb):
+        out = []
+        for m in masks_per_frame[:rgb.shape[0]]:
+            if m is None:
+                out.append((torch.zeros(0, 4, 4), []))
+            else:
+                out.append((torch.as_tensor(m).float()[None], [(0, 0)]))
+        return out
+    return produce
+
+
+def test_discovery_segtrack_multi_object_merge_and_fbms_sparse(tmp_path):
+    from PIL import Image
+
+    h, w = 40, 60
+    rgb = np.zeros((h, w, 3), np.uint8)
+    a = np.zeros((h, w), bool)
+    a[5:15, 5:20] = True
+    b = np.zeros((h, w), bool)
+    b[20:35, 30:50] = True
+    # SegTrack-v2 original layout: GroundTruth/<seq>/1/, 2/ are merged into one foreground
+    st = tmp_path / "STv2"
+    for i in range(3):
+        for sub, m in (("1", a), ("2", b)):
+            (st / "GroundTruth/seqA" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((m * 255).astype(np.uint8)).save(st / "GroundTruth/seqA" / sub / f"{i:05d}.png")
+        (st / "JPEGImages/seqA").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(st / "JPEGImages/seqA" / f"{i:05d}.jpg")
+    s = Dsc.evaluate_single(str(st), "segtrackv2", _fg_producer([a | b] * 3), str(tmp_path / "o1"), progress=False)
+    assert s["global"]["frames"] == 3 and s["global"]["IoU (oracle selection)"] == pytest.approx(1.0)
+    s = Dsc.evaluate_single(str(st), "segtrackv2", _fg_producer([a] * 3), str(tmp_path / "o2"), progress=False)
+    assert s["global"]["IoU (oracle selection)"] == pytest.approx(a.sum() / (a | b).sum())
+    # FBMS: sparse annotations 00000.png and 00004.png of a 6-frame video -> frames 0 and 4 only
+    fb = tmp_path / "FBMSroot"
+    (fb / "FBMS/cars1").mkdir(parents=True)
+    (fb / "FBMS_annotation/cars1").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rgb).save(fb / "FBMS/cars1" / f"{i:05d}.jpg")
+    for i in (0, 4):
+        Image.fromarray((a * 255).astype(np.uint8)).save(fb / "FBMS_annotation/cars1" / f"{i:05d}.png")
+    masks = [None, a, a, a, a, a]  # frame 0 has no candidate: IoU 0 there, 1 at frame 4
+    s = Dsc.evaluate_single(str(fb), "fbms", _fg_producer(masks), str(tmp_path / "o3"), progress=False)
+    assert s["global"]["frames"] == 2
+    assert s["global"]["IoU (oracle selection)"] == pytest.approx(0.5)
