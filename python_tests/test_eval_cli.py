@@ -260,3 +260,21 @@ def test_discovery_segtrack_multi_object_merge_and_fbms_sparse(tmp_path):
     s = Dsc.evaluate_single(str(fb), "fbms", _fg_producer(masks), str(tmp_path / "o3"), progress=False)
     assert s["global"]["frames"] == 2
     assert s["global"]["IoU (oracle selection)"] == pytest.approx(0.5)
+
+
+def test_eval_masks_unsupervised_pinned_both_matchings(tmp_path, capsys):
+    root = tmp_path / "DAVIS"
+    (root / "ImageSets/2017").mkdir(parents=True)
+    (root / "ImageSets/2017/val.txt").write_text("judo\ndogs-jump\n")
+    res = tmp_path / "res"
+    for seq in ("judo", "dogs-jump"):
+        shutil.copytree(os.path.join(PRED, "osvos_semi", seq), root / "Annotations_unsupervised/480p" / seq)
+        shutil.copytree(os.path.join(PRED, "rvos_unsup", seq), res / seq)
+    got = {}
+    for matching in ("official", "per-frame"):
+        assert main(["eval-masks", "--davis-root", str(root), "--results", str(res), "--task", "unsupervised",
+                     "--matching", matching, "--json", str(tmp_path / f"{matching}.json")]) == 0
+        got[matching] = json.load(open(tmp_path / f"{matching}.json"))
+    assert abs(got["official"]["global"]["J&F-Mean"] - 0.37214) <= 5e-6  # evaluation_protocols.md §1.9
+    assert got["official"]["protocol"] == "unsupervised, official matching"
+    assert got["per-frame"]["global"]["J&F-Mean"] >= got["official"]["global"]["J&F-Mean"]
