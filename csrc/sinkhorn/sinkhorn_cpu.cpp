@@ -88,9 +88,9 @@ SMTC_ALWAYS_INLINE void write_plan_impl(const T* C, const T* f, const T* g, T ep
 }
 
 // ---- The scaling form of the same iteration (forward only) -------------------------------------------------
-// With K_nm = exp((f1_n - C_nm)/eps) stored once (f1 = the exact first f update, so K's rows sum to mu),
-// every later half-step is a matrix-vector product instead of a pass of exps:
-//   v_m = nu_m / sum_n u_n K_nm,   u_n = mu_n / sum_m K_nm v_m,   f = f1 + eps log u,   g = eps log v,
+// With a kernel K_nm = exp((base_n - C_nm)/eps) stored once (in the plan's buffer), every half-step is a
+// matrix-vector product instead of a pass of exps:
+//   v_m = nu_m / sum_n u_n K_nm,   u_n = mu_n / sum_m K_nm v_m,   f = base + eps log u,   g = eps log v,
 // the same numbers as the log-domain updates (f_{t+1} = eps log mu - eps LSE_m((g_t - C)/eps), etc.).
 // It is only trusted while every denominator stays >= kTiny and every scaling <= kHuge, so that the entries of
 // K that underflowed (< 1.2e-38 in float) cannot matter at float precision; otherwise the caller reruns the
@@ -98,6 +98,29 @@ SMTC_ALWAYS_INLINE void write_plan_impl(const T* C, const T* f, const T* g, T ep
 template <typename T> struct ScalingBounds;
 template <> struct ScalingBounds<float> { static constexpr float kTiny = 1e-18f, kHuge = 1e10f; };
 template <> struct ScalingBounds<double> { static constexpr double kTiny = 1e-280, kHuge = 1e100; };
+
+// E_nm = exp((base_n - C_nm)/eps) with base_n = min_m C_nm (the row max of -C); rowsum_n = sum_m E_nm (>= 1).
+template <typename T>
+SMTC_ALWAYS_INLINE bool row_kernel_impl(const T* C, T eps, int64_t N, int64_t M, T* E, T* base, T* rowsum) {
+  const T inv_eps = T(1) / eps;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = C + n * M;
+    T* e = E + n * M;
+    T mx = neg_inf<T>();
+    SMTC_SIMD_MAX(mx)
+    for (int64_t m = 0; m < M; ++m) mx = vmax(mx, -row[m]);
+    if (mx == neg_inf<T>()) return false;
+    T s = T(0);
+    SMTC_SIMD_SUM(s)
+    for (int64_t m = 0; m < M; ++m) {
+      e[m] = fast_exp((-row[m] - mx) * inv_eps);
+      s += e[m];
+    }
+    base[n] = -mx;
+    rowsum[n] = s;
+  }
+  return true;
+}
 
 template <typename T>
 SMTC_ALWAYS_INLINE bool col_scaling_impl(const T* K, const T* u, const T* ln, int64_t N, int64_t M, T* v, T* colsum) {
@@ -221,6 +244,9 @@ SMTC_ALWAYS_INLINE void backward_f_impl(const T* C, const T* f, const T* g_prev,
   SMTC_CPU_CLONES void write_plan(const T* C, const T* f, const T* g, T eps, int64_t N, int64_t M, T* P) {      \
     write_plan_impl<T>(C, f, g, eps, N, M, P);                                                               \
   }                                                                                                          \
+  SMTC_CPU_CLONES bool row_kernel(const T* C, T eps, int64_t N, int64_t M, T* E, T* base, T* rs) {            \
+    return row_kernel_impl<T>(C, eps, N, M, E, base, rs);                                                    \
+  }                                                                                                          \
   SMTC_CPU_CLONES bool col_scaling(const T* K, const T* u, const T* ln, int64_t N, int64_t M, T* v, T* cs) {    \
     return col_scaling_impl<T>(K, u, ln, N, M, v, cs);                                                       \
   }                                                                                                          \
@@ -271,17 +297,17 @@ int64_t solve_one(const T* C, const T* lm, const T* ln, T eps, int64_t iters, do
 
 // The forward of one problem in the scaling form (see above), writing plan, f and g. Returns false (outputs
 // unspecified) when a bound was crossed; the caller then solves the problem in the log domain.
+// The first f update (g = 0) is folded into the kernel: with base_n = min_m C_nm and
+// E_nm = exp((base_n - C_nm)/eps) (one pass of exps, each row's largest entry exactly 1), f1 corresponds to
+// u_n = mu_n / sum_m E_nm, and then plan = u E v with f = base + eps log u, g = eps log v.
 template <typename T>
 bool scaling_solve(const T* C, const T* lm, const T* ln, T eps, int64_t iters, double tol, int64_t N, int64_t M,
                    T* f, T* g, T* P, T* u, T* v, T* rowdot, T* colsum) {
   std::fill(g, g + M, T(0));
-  update_f(C, g, lm, eps, N, M, f);  // f1, exact
-  write_plan(C, f, g, eps, N, M, P);   // K = exp((f1 - C)/eps): rows sum to mu
-  std::fill(u, u + N, T(1));
-  for (int64_t n = 0; n < N; ++n)
-    if (lm[n] == neg_inf<T>()) u[n] = T(0);
+  if (!row_kernel(C, eps, N, M, P, f, rowdot)) return false;  // P = E, f = base, rowdot = row sums of E
+  for (int64_t n = 0; n < N; ++n) u[n] = lm[n] == neg_inf<T>() ? T(0) : fast_exp(lm[n]) / rowdot[n];
   for (int64_t t = 1; t <= iters; ++t) {
-    if (t > 1) {  // u = mu / (K v); rowdot already holds K v when tol is checked
+    if (t > 1) {  // u = mu / (E v); rowdot already holds E v when tol is checked
       if (tol < 0) row_dot(P, v, N, M, rowdot);
       for (int64_t n = 0; n < N; ++n) {
         const T mu = fast_exp(lm[n]);
@@ -292,7 +318,7 @@ bool scaling_solve(const T* C, const T* lm, const T* ln, T eps, int64_t iters, d
       }
     }
     if (!col_scaling(P, u, ln, N, M, v, colsum)) return false;
-    if (tol >= 0) {  // row marginals of u K v
+    if (tol >= 0) {  // row marginals of u E v
       row_dot(P, v, N, M, rowdot);
       double err = 0;
       for (int64_t n = 0; n < N; ++n) err += std::abs(static_cast<double>(u[n] * rowdot[n] - fast_exp(lm[n])));
