@@ -4,8 +4,9 @@
 
 Shapes (performance_anchors.md §0): 128 frames (32 clips x 4), N = M = 256 tokens, D = 384, S = 16, P = 4;
 Sinkhorn on 384 problems of 256 x 256 (32 clips x 12 ordered frame pairs), eps 0.05, 3 iterations.
-Every (op, impl, pass) runs in a fresh subprocess so that its peak memory (CPU: peak RSS above the inputs;
-GPU: torch.cuda.max_memory_allocated above the inputs) is its own; all rows of one run are measured side
+Every (op, impl, pass) runs in a fresh subprocess so that its peak memory (CPU: the RSS high-water mark
+above the resident set before the call, reset through /proc/self/clear_refs; GPU: max_memory_allocated above
+the inputs) is its own; all rows of one run are measured side
 by side on the same machine, so compare them as ratios. Writes a JSON list of records
 {"op", "impl", "pass", "shape", "median_ms", "peak_mb", "environment"} (the environment header: CPU/GPU,
 torch, threads, commit).
@@ -87,6 +88,31 @@ def make_case(op, impl, quick, device):
     raise ValueError(op)
 
 
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak_rss():
+    """Resets the process's RSS high-water mark (Linux: clear_refs 5) and returns the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS") * 1024
+    except OSError:  # not Linux: fall back to the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss():
+    try:
+        return _status_kb("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_one(op, impl, pass_, quick, device, repeats):
     """Measured in this (fresh) process: median time and peak memory above the inputs."""
     import torch
@@ -107,16 +133,17 @@ def run_one(op, impl, pass_, quick, device, repeats):
                 x.grad = None
         sync()
 
+    step()  # warm-up (compilation, thread pools, first-touch)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up (compilation, first-touch) and the peak-memory measurement
+        base = reset_peak_rss()
+    step()  # the peak-memory measurement: the high-water mark above what was resident before
     if device == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        peak_mb = (peak_rss() - base) / 2**20
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -202,6 +229,9 @@ def main():
                    str(args.repeats), "--_child", op, impl, pass_] + (["--quick"] if args.quick else [])
             env = dict(os.environ)
             env.pop("SMTC_FAST_FORCE_REFERENCE", None)
+            # A fixed mmap threshold: freed large blocks go back to the OS, so each call's peak RSS is its own
+            # (glibc's default raises the threshold after the first free and keeps such blocks resident).
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
