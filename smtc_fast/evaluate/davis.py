@@ -123,8 +123,9 @@ def _overlay(davis_root, resolution, seq, ids, gt, pred, out_dir):
     eio.save_overlay(os.path.join(out_dir, f"{seq}.jpg"), eio.read_rgb(jpg), pred[t], gt[t])
 
 
-def print_tables(summary, subset, elapsed=None, file=sys.stdout):
+def print_tables(summary, subset, elapsed=None, file=None):
     """The two tables evaluation_method.py prints (global, then per sequence = per object)."""
+    file = file or sys.stdout  # looked up at call time (a default argument would pin the import-time stream)
     g = summary["global"]
     print(f"--------------------------- Global results for {subset} ---------------------------", file=file)
     print(eio.format_table([g]), file=file)
