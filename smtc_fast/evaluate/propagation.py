@@ -490,6 +490,26 @@ def build_feature_fn(args):
     raise SystemExit(f"unknown --features {args.features!r}")
 
 
+def resolve_step(kernel):
+    """The dense propagation step: ours ("dense") or the fused operator smtc_fast.ops.propagate_labels ("fused"),
+    which takes the same arguments (without `chunk`) and returns the same result."""
+    if kernel == "dense":
+        return propagate_dense
+    if kernel == "fused":
+        try:
+            from smtc_fast.ops import propagate_labels
+        except ImportError as e:
+            raise SystemExit(f"--kernel fused: smtc_fast.ops.propagate_labels is not available ({e})")
+
+        def fused(query, first_feats, first_labels, ctx_feats, ctx_labels, grid, topk, radius, temperature,
+                  chunk=None):
+            return propagate_labels(query, first_feats, first_labels, ctx_feats, ctx_labels, grid, topk, radius,
+                                    temperature)
+
+        return fused
+    raise SystemExit(f"unknown --kernel {kernel!r}")
+
+
 def resolve_preset(args):
     p = PRESETS[args.preset]
     over = {k: getattr(args, k) for k in ("topk", "n_context", "radius", "temperature")
@@ -608,6 +628,9 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device (cuda when available)")
     parser.add_argument("--max-videos", type=int, default=None, help="JHMDB: only the first N videos")
+    parser.add_argument("--kernel", default="dense", choices=["dense", "fused"],
+                        help="propagation step: dense = propagate_dense (PyTorch, chunked); fused = the "
+                             "smtc_fast.ops.propagate_labels operator")
     parser.add_argument("--no-overlays", action="store_true", help="skip the per-video overlay images")
 
 
@@ -616,26 +639,28 @@ def run(args):
     preset = resolve_preset(args)
     print(f"smtc eval-prop: dataset {args.dataset}, preset {args.preset} -> {asdict(preset)}")
     feature_fn = build_feature_fn(args)
+    step = resolve_step(args.kernel)
     crop = CROP_SIZE[args.dataset] if args.crop_size is None else args.crop_size
     os.makedirs(args.out, exist_ok=True)
     try:
         if args.dataset == "davis":
             summary = evaluate_davis_propagation(args.root, args.out, feature_fn, preset, args.set, args.sequences,
-                                                 args.batch_size, args.chunk, args.device,
+                                                 args.batch_size, args.chunk, args.device, step=step,
                                                  overlays=not args.no_overlays)
         elif args.dataset == "vip":
             summary = evaluate_vip_propagation(args.root, args.out, feature_fn, preset, args.set, args.sequences,
-                                               crop, args.batch_size, args.chunk, args.device,
+                                               crop, args.batch_size, args.chunk, args.device, step=step,
                                                overlays=not args.no_overlays)
         else:
             summary = evaluate_jhmdb_propagation(args.root, args.out, feature_fn, preset, args.filelist, crop,
-                                                 args.batch_size, args.chunk, args.device,
+                                                 args.batch_size, args.chunk, args.device, step=step,
                                                  max_videos=args.max_videos)
     except (eio.DataError, metrics.TooManyObjectsError) as e:
         print(f"smtc eval-prop: error: {e}", file=sys.stderr)
         return 2
     summary.update({"dataset": args.dataset, "preset": args.preset, "settings": asdict(preset),
                     "features": args.features, "checkpoint": args.checkpoint, "crop_size": crop,
+                    "kernel": args.kernel,
                     "seconds": time.time() - t0})
     write_summary(summary, args.out, f"eval_prop-{args.dataset}")
     return 0
