@@ -21,4 +21,10 @@ TORCH_LIBRARY(smtc_fast, m) {
   m.def(
       "_sinkhorn_backward(Tensor grad_plan, Tensor grad_f, Tensor grad_g, Tensor cost, Tensor log_mu, "
       "Tensor log_nu, float eps, int iters, float? tol) -> Tensor");
+
+  // Fused label propagation (CRW / SMTC protocol, csrc/propagate/propagate.h): query (N, D), first_feats (N0, D),
+  // first_labels (N0, K), ctx_feats (n, N, D), ctx_labels (n, N, K), grid (h, w) with h*w = N -> labels (N, K).
+  // Top-k over frame 0 (all tokens) and the context frames (disc dist < radius on the grid), softmax(logit / T).
+  m.def("propagate_labels(Tensor query, Tensor first_feats, Tensor first_labels, Tensor ctx_feats, "
+        "Tensor ctx_labels, int[] grid, int topk, float radius, float temperature) -> Tensor");
 }

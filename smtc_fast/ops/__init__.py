@@ -12,3 +12,6 @@ __all__ = [
     "slot_aggregate", "slot_aggregate_reference",
     "sinkhorn", "sinkhorn_reference",
 ]
+from smtc_fast.ops.propagate_labels import propagate_labels, propagate_labels_reference  # noqa: E402
+
+__all__ += ["propagate_labels", "propagate_labels_reference"]

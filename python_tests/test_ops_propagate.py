@@ -1,0 +1,246 @@
+"""smtc_fast.ops.propagate_labels: kernel vs reference vs the evaluator's dense step (propagate_dense) vs a brute
+force copy of the official masked top-k; the tie rule; edge cases; bad input; fake kernel / opcheck."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smtc_fast
+from smtc_fast.evaluate import io as eio
+from smtc_fast.evaluate import propagation as P
+from smtc_fast.ops import propagate_labels, propagate_labels_reference
+from smtc_fast.testing import assert_close_to_reference
+
+from conftest import DEVICES
+
+HAS_KERNEL = smtc_fast.build_info()["cpu_kernels"]
+DATA = os.path.join(os.path.dirname(__file__), "data", "davis2016")
+FRAMES = sorted(glob.glob(os.path.join(DATA, "JPEGImages/480p/blackswan/*.jpg")))
+
+
+def make_inputs(grid, n_ctx, d, n_lab, device="cpu", dtype=torch.float32, n0=None, soft=True):
+    h, w = grid
+    N = h * w
+    n0 = N if n0 is None else n0
+    query = F.normalize(torch.randn(N, d, dtype=dtype), dim=1)
+    first = F.normalize(torch.randn(n0, d, dtype=dtype), dim=1)
+    ctx = F.normalize(torch.randn(n_ctx, N, d, dtype=dtype), dim=2)
+    first_labels = F.one_hot(torch.randint(n_lab, (n0,)), n_lab).to(dtype)
+    ctx_labels = torch.rand(n_ctx, N, n_lab, dtype=dtype) if soft else F.one_hot(
+        torch.randint(n_lab, (n_ctx, N)), n_lab).to(dtype)
+    return [t.to(device) for t in (query, first, first_labels, ctx, ctx_labels)]
+
+
+def brute_force(query, first, first_labels, ctx, ctx_labels, grid, topk, radius, temperature):
+    """The official form, in float64: the full (n+1)N x N affinity, a -1e10 additive radius mask, one top-k."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).double()
+    mask = torch.where(torch.cdist(pos, pos) < radius, 0.0, -1e10).double()  # (N, N)
+    keys = torch.cat([first[None], ctx]).double() if first.shape[0] == query.shape[0] else None
+    A = [query.double() @ first.double().T] + [query.double() @ c.double().T + mask for c in ctx]
+    A = torch.cat(A, 1)  # (N, N0 + n N)
+    labels = torch.cat([first_labels, ctx_labels.reshape(-1, ctx_labels.shape[-1])]).double()
+    v, i = A.topk(min(topk, A.shape[1]), dim=1)
+    del keys
+    return torch.einsum("nk,nkl->nl", torch.softmax(v / temperature, 1), labels[i])
+
+
+def check_same_prediction(got, want):
+    assert_close_to_reference(got, want.to(got.dtype), rtol=1e-4, atol=1e-5)
+    # argmax identical wherever the reference's top two labels are not a float-noise tie
+    top2 = want.topk(2, dim=1).values if want.shape[1] > 1 else None
+    ok = torch.ones(want.shape[0], dtype=torch.bool) if top2 is None else (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert torch.equal(got.argmax(1)[ok.to(got.device)].cpu(), want.argmax(1)[ok].cpu())
+
+
+def test_reference_equals_brute_force_float64():
+    args = make_inputs((5, 7), 3, 6, 4, dtype=torch.float64)
+    for topk, radius in [(5, 2.0), (10, 1.5), (3, 0.0), (200, 3.0)]:
+        want = brute_force(*args, (5, 7), topk, radius, 0.1)
+        got = propagate_labels_reference(*args, (5, 7), topk, radius, 0.1)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("topk,radius,chunk", [(7, 3.0, 32), (12, 2.5, 1000), (4, 1.0, 17)])
+def test_reference_equals_evaluator_dense_step(topk, radius, chunk):
+    args = make_inputs((9, 13), 5, 16, 3, dtype=torch.float64)
+    want = P.propagate_dense(*args, (9, 13), topk, radius, 0.2, chunk=chunk)
+    got = propagate_labels_reference(*args, (9, 13), topk, radius, 0.2, chunk=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grid,n_ctx,d,n_lab,topk,radius", [
+    ((30, 53), 4, 64, 2, 7, 7.0),      # stride-16 DAVIS grid, SMTC preset
+    ((17, 23), 3, 32, 5, 28, 35.0),    # stride-8 preset: radius larger than the grid
+    ((7, 11), 2, 24, 1, 10, 2.5),      # K = 1
+    ((8, 9), 3, 16, 64, 5, 3.0),       # K = 64
+    ((1, 1), 2, 8, 3, 7, 7.0),         # fewer candidates (1 + 2) than k
+    ((3, 2), 0, 8, 3, 4, 7.0),         # no context frames
+    ((6, 5), 4, 12, 3, 9, 0.0),        # radius 0: no context candidate
+    ((6, 5), 4, 12, 3, 9, 0.5),        # radius 0.5: only the query's own cell
+])
+def test_kernel_matches_reference_random(device, grid, n_ctx, d, n_lab, topk, radius):
+    args = make_inputs(grid, n_ctx, d, n_lab, device)
+    got = propagate_labels(*args, grid, topk, radius, 0.2)
+    want = propagate_labels_reference(*[a.cpu() for a in args], grid, topk, radius, 0.2)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    check_same_prediction(got.cpu(), want)
+    bf = brute_force(*[a.cpu() for a in args], grid, topk, radius, 0.2)
+    assert_close_to_reference(got.cpu().double(), bf, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_frame_of_another_size(device):
+    args = make_inputs((6, 8), 3, 16, 4, device, n0=23)
+    got = propagate_labels(*args, (6, 8), 6, 2.0, 0.1)
+    want = propagate_labels_reference(*[a.cpu() for a in args], (6, 8), 6, 2.0, 0.1)
+    check_same_prediction(got.cpu(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_lower_candidate_index_wins(device):
+    """Exact ties (dyadic features, exact dot products): frame 0 before the context, earlier context frames before
+    later ones, lower token index first. Each copy carries a different label, so the rule shows in the result."""
+    grid, N, d = (3, 4), 12, 4
+    key = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    query = key.expand(N, d).contiguous()
+    first = torch.zeros(N, d)
+    first[[2, 7]] = key  # two frame-0 tokens with the best logit (1.0)
+    ctx = torch.zeros(3, N, d)
+    ctx[:, :] = key * 0.5  # everything in the context at 0.5
+    ctx[1, 5] = key  # one more 1.0 in context frame 1
+    first_labels = F.one_hot(torch.arange(N) % 3, 3).float()
+    ctx_labels = torch.rand(3, N, 3)
+    args = [t.to(device) for t in (query, first, first_labels, ctx, ctx_labels)]
+    for topk in (1, 2, 3, 4, 9):
+        got = propagate_labels(*args, grid, topk, 1.5, 0.25)
+        want = propagate_labels_reference(*[a.cpu() for a in args], grid, topk, 1.5, 0.25)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
+    # topk 1: frame-0 token 2 wins over token 7 and over the context copy
+    got = propagate_labels(*args, grid, 1, 1.5, 0.25).cpu()
+    torch.testing.assert_close(got, first_labels[2].expand(N, 3))
+
+
+def _blackswan_feats(n_frames, stride):
+    rgb = np.stack([eio.read_rgb(p) for p in FRAMES[:n_frames]])
+    f = P.ColorFeatures(stride)(P.normalize_images(rgb))  # (T, 4, h, w), 480x854 is not a multiple of 16
+    grid = tuple(f.shape[-2:])
+    return F.normalize(f, dim=1).flatten(2).transpose(1, 2).contiguous(), grid
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride,topk,radius", [(16, 7, 7.0), (8, 28, 35.0)])
+def test_blackswan_frames_match_reference(device, stride, topk, radius):
+    feats, grid = _blackswan_feats(6, stride)
+    N = feats.shape[1]
+    first_labels = torch.rand(N, 3)
+    ctx_labels = torch.softmax(torch.randn(4, N, 3), -1)
+    args = [feats[5], feats[0], first_labels, feats[1:5], ctx_labels]
+    got = propagate_labels(*[a.to(device) for a in args], grid, topk, radius, 0.2).cpu()
+    want = propagate_labels_reference(*args, grid, topk, radius, 0.2)
+    check_same_prediction(got, want)
+
+
+def test_whole_video_matches_reference_and_dense_path():
+    """The fused op plugged into propagate_video on real frames: identical predictions to the reference stepped the
+    same way. Colour features (D = 4) have exact ties between cells of equal colour; the dense step's torch.topk
+    breaks those arbitrarily, so against it only the argmax is compared (almost everywhere)."""
+    feats, grid = _blackswan_feats(8, 16)
+    first = F.one_hot(torch.randint(2, (feats.shape[1],)), 2).float()
+
+    def fused(q, f0, l0, cf, cl, grid, topk, radius, temperature, chunk=None):
+        return propagate_labels(q, f0, l0, cf, cl, grid, topk, radius, temperature)
+
+    def reference(q, f0, l0, cf, cl, grid, topk, radius, temperature, chunk=None):
+        return propagate_labels_reference(q, f0, l0, cf, cl, grid, topk, radius, temperature)
+
+    pre = P.PRESETS["smtc-stride16"]
+
+    def run(step):
+        return [p for _, p in P.propagate_video(iter(feats), first, grid, pre.topk, 4, pre.radius, pre.temperature,
+                                                step=step)]
+
+    got, want, dense = run(fused), run(reference), run(None)
+    for g, w, d in zip(got, want, dense):
+        check_same_prediction(g, w)
+        assert (g.argmax(1) == d.argmax(1)).float().mean() > 0.99
+
+
+def test_forced_reference_fallback(monkeypatch):
+    args = make_inputs((5, 6), 2, 8, 3)
+    monkeypatch.setenv("SMTC_FAST_FORCE_REFERENCE", "1")
+    got = propagate_labels(*args, (5, 6), 5, 2.0, 0.2)
+    torch.testing.assert_close(got, propagate_labels_reference(*args, (5, 6), 5, 2.0, 0.2), rtol=0, atol=0)
+
+
+def test_float64_uses_reference():
+    args = make_inputs((5, 6), 2, 8, 3, dtype=torch.float64)
+    got = propagate_labels(*args, (5, 6), 5, 2.0, 0.2)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, brute_force(*args, (5, 6), 5, 2.0, 0.2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_empty(device):
+    q, f0, l0, cf, cl = make_inputs((4, 5), 2, 8, 3, device)
+    qt = q.T.contiguous().T  # same values, transposed strides
+    cft = cf.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qt.is_contiguous() and not cft.is_contiguous()
+    check_same_prediction(propagate_labels(qt, f0, l0, cft, cl, (4, 5), 5, 2.0, 0.2).cpu(),
+                          propagate_labels_reference(*[a.cpu() for a in (q, f0, l0, cf, cl)], (4, 5), 5, 2.0, 0.2))
+    e = propagate_labels(q[:0], f0, l0, cf[:, :0], cl[:, :0], (0, 5), 5, 2.0, 0.2)
+    assert e.shape == (0, 3)
+
+
+@pytest.mark.parametrize("fn", [propagate_labels, propagate_labels_reference])
+def test_bad_inputs(fn):
+    q, f0, l0, cf, cl = make_inputs((4, 5), 2, 8, 3)
+    with pytest.raises(ValueError, match="grid"):
+        fn(q, f0, l0, cf, cl, (5, 5), 5, 2.0, 0.2)
+    with pytest.raises(ValueError, match="first_feats"):
+        fn(q, f0[:, :4], l0, cf, cl, (4, 5), 5, 2.0, 0.2)
+    with pytest.raises(ValueError, match="ctx_labels"):
+        fn(q, f0, l0, cf, cl[..., :2], (4, 5), 5, 2.0, 0.2)
+    with pytest.raises(ValueError, match="ctx_feats"):
+        fn(q, f0, l0, cf[:, :3], cl, (4, 5), 5, 2.0, 0.2)
+    with pytest.raises(ValueError, match="topk"):
+        fn(q, f0, l0, cf, cl, (4, 5), 0, 2.0, 0.2)
+    with pytest.raises(ValueError, match="radius"):
+        fn(q, f0, l0, cf, cl, (4, 5), 5, -1.0, 0.2)
+    with pytest.raises(ValueError, match="temperature"):
+        fn(q, f0, l0, cf, cl, (4, 5), 5, 2.0, 0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        fn(q, f0.double(), l0, cf, cl, (4, 5), 5, 2.0, 0.2)
+    with pytest.raises(ValueError, match="2-D"):
+        fn(q[None], f0, l0, cf, cl, (4, 5), 5, 2.0, 0.2)
+    with pytest.raises(RuntimeError, match="no autograd"):
+        fn(q.requires_grad_(), f0, l0, cf, cl, (4, 5), 5, 2.0, 0.2)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+def test_op_bad_inputs_direct():
+    q, f0, l0, cf, cl = make_inputs((4, 5), 2, 8, 3)
+    with pytest.raises(RuntimeError, match="grid"):
+        torch.ops.smtc_fast.propagate_labels(q, f0, l0, cf, cl, [5, 5], 5, 2.0, 0.2)
+    with pytest.raises(RuntimeError, match="ctx_labels"):
+        torch.ops.smtc_fast.propagate_labels(q, f0, l0, cf, cl[..., :2], [4, 5], 5, 2.0, 0.2)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.smtc_fast.propagate_labels(q.double(), f0.double(), l0.double(), cf.double(), cl.double(),
+                                             [4, 5], 5, 2.0, 0.2)
+    with pytest.raises(RuntimeError, match="temperature"):
+        torch.ops.smtc_fast.propagate_labels(q, f0, l0, cf, cl, [4, 5], 5, 2.0, -1.0)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_compile(device):
+    args = make_inputs((4, 5), 2, 8, 3, device)
+    torch.library.opcheck(torch.ops.smtc_fast.propagate_labels, (*args, [4, 5], 5, 2.0, 0.2),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    fn = torch.compile(lambda *a: propagate_labels(*a, (4, 5), 5, 2.0, 0.2), fullgraph=True)
+    check_same_prediction(fn(*args).cpu(), propagate_labels_reference(*[a.cpu() for a in args], (4, 5), 5, 2.0, 0.2))
