@@ -47,6 +47,7 @@ demo: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) bench/bench_ops.py --json bench_out/bench_ops.json
+	$(PY) bench/bench_eval.py --json bench_out/bench_eval.json
 
 clean:
 	rm -rf build *.egg-info smtc_fast/_C*.so $(BUILT)
