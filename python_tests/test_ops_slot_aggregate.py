@@ -186,3 +186,20 @@ def test_cuda_low_precision_within_policy(dtype):
     exact = slot_aggregate_reference(logits.double(), values.double(), mask.double())[0]
     low = [t.detach().to(dtype) for t in (logits, values, mask)]
     assert_within_reference_error(slot_aggregate(*low)[0], slot_aggregate_reference(*low)[0], exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density", [0.1, 0.45, 0.9])  # sparse to dense semantic masks
+@pytest.mark.parametrize("P", [4, 3, 6])  # blocks of four slots and the remainder
+def test_sparse_and_dense_mask_contractions(device, dtype, density, P):
+    logits, values, _ = make((3, 5, P, 40, 37), device, dtype)
+    mask = (torch.rand(3, 5, 40, device=device) < density).to(dtype)
+    u, a = slot_aggregate(logits, values, mask)
+    ru, ra = slot_aggregate_reference(logits, values, mask)
+    assert_close_to_reference(u, ru)
+    gu, ga = torch.randn_like(u), torch.randn_like(a)
+    grads = torch.autograd.grad((u * gu).sum() + (a * ga).sum(), (logits, values))
+    rgrads = torch.autograd.grad((ru * gu).sum() + (ra * ga).sum(), (logits, values))
+    for g, r in zip(grads, rgrads):
+        assert_close_to_reference(g, r)
