@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "common/alloc.h"
 #include "correlation/correlation.h"
 #include "correlation/correlation_check.h"
 
@@ -25,7 +24,7 @@ void batched_mm(const at::Tensor& x, const at::Tensor& y, at::Tensor& out) {
 
 at::Tensor correlation_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_correlation_args(a, b);
-  auto out = empty_output({a.size(0), a.size(1), b.size(1)}, a.options());
+  auto out = at::empty({a.size(0), a.size(1), b.size(1)}, a.options());
   batched_mm(a, b.transpose(1, 2), out);
   return out;
 }
@@ -34,8 +33,8 @@ std::tuple<at::Tensor, at::Tensor> correlation_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& b) {
   check_correlation_args(a, b);
   check_correlation_grad(grad, a, b);
-  auto grad_a = empty_output(a.sizes(), a.options());
-  auto grad_b = empty_output(b.sizes(), b.options());
+  auto grad_a = at::empty(a.sizes(), a.options());
+  auto grad_b = at::empty(b.sizes(), b.options());
   batched_mm(grad, b, grad_a);                  // (N, M) @ (M, D)
   batched_mm(grad.transpose(1, 2), a, grad_b);  // (M, N) @ (N, D)
   return {grad_a, grad_b};
