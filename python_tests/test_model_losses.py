@@ -11,14 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from smtc_fast.losses import (match_instances, object_loss, overlap_loss, semantic_loss, transport_plans,
                               valid_instances)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: stable timings on a shared 2-core machine (OpenMP spin-waits degrade badly under
-    contention); restored afterwards so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 5, 6])

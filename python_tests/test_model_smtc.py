@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from smtc_fast.losses import object_loss, overlap_loss, semantic_loss
 from smtc_fast.models import SMTC, SMTCConfig, interpolate_pos_embed, load_checkpoint, vit_forward
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: stable timings on a shared 2-core machine (OpenMP spin-waits degrade badly under
-    contention); restored afterwards so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

@@ -15,14 +15,7 @@ from smtc_fast.data import FrameFolderClips, VideoFileClips, augment_clips, make
 from smtc_fast.models import SMTC, SMTCConfig, load_checkpoint
 from smtc_fast.train import TrainConfig, discovery_iou, lr_at, param_groups, set_lr, train
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: stable timings on a shared 2-core machine (OpenMP spin-waits degrade badly under
-    contention); restored afterwards so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "vit_tiny_patch16_224", "--patch-size", "8", "--depth", "2", "--img-size", "64",
         "--resolution", "64", "64", "--num-slots", "4", "--num-instances", "3"]
