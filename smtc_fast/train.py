@@ -324,7 +324,7 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
 
     # ---- data
     H, W = model_cfg.resolution
-    kwargs = {"num_objects": cfg.synthetic_objects} if cfg.data == "synthetic" else {}
+    kwargs = {"num_objects": cfg.synthetic_objects} if "synthetic" in cfg.data.split(",") else {}
     dataset = open_clips(cfg.data, cfg.num_frames, cfg.gap, (H, W), cfg.seed, **kwargs)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=StepSampler(start_step, cfg.steps, cfg.batch_size, world, rank),
@@ -481,7 +481,8 @@ def _add_dataclass_args(parser, cls, prefix="", help_map=None):
 
 
 _TRAIN_HELP = {
-    "data": "'synthetic', a video file or folder of videos, or a JPEGImages/<video>/*.jpg root",
+    "data": "'synthetic', a video file or folder of videos, or a JPEGImages/<video>/*.jpg root; several "
+            "sources separated by commas are interleaved clip by clip",
     "output": "run folder: last.pt, metrics.jsonl, config.json",
     "steps": "total optimiser steps (the cosine schedule spans them)",
     "batch_size": "clips per process (official: 32 per GPU x 4 GPUs)",

@@ -122,13 +122,35 @@ class VideoFileClips(torch.utils.data.Dataset):
         return {"frames": resize_frames(np.stack([by_index[i] for i in ids]), self.size), "index": int(idx)}
 
 
+class MixedClips(torch.utils.data.Dataset):
+    """Interleave clip datasets: item idx is item idx // k of source idx % k (k sources), so every batch mixes
+    them evenly and item idx stays a pure function of (seed, idx). Items keep only "frames" and "index"."""
+
+    def __init__(self, sources, length=10000):
+        if not sources:
+            raise ValueError("MixedClips needs at least one source")
+        self.sources, self.length = list(sources), length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, idx):
+        k = len(self.sources)
+        item = self.sources[int(idx) % k][int(idx) // k]
+        return {"frames": item["frames"], "index": int(idx)}
+
+
 def open_clips(source, num_frames=4, gap=4, size=(256, 256), seed=0, **synthetic_kwargs):
-    """A clip dataset from a source string: 'synthetic', a video file / folder of videos, or a frame-folder root.
+    """A clip dataset from a source string: 'synthetic', a video file / folder of videos, or a frame-folder root;
+    several sources separated by commas ('synthetic,path/to/JPEGImages') are interleaved clip by clip (MixedClips).
 
     Synthetic clips ignore `gap` (their frames are consecutive; the motion per frame is set by make_clip's
     max_speed), so the default `--gap 4` of the trainer does not quadruple the synthetic motion."""
     from smtc_fast.data.synthetic import SyntheticClips
 
+    if "," in source:
+        return MixedClips([open_clips(s.strip(), num_frames, gap, size, seed, **synthetic_kwargs)
+                           for s in source.split(",") if s.strip()])
     if source == "synthetic":
         return SyntheticClips(num_frames=num_frames, size=size, seed=seed, **synthetic_kwargs)
     if os.path.isfile(source) and source.lower().endswith(VIDEO_EXTENSIONS):
@@ -138,4 +160,5 @@ def open_clips(source, num_frames=4, gap=4, size=(256, 256), seed=0, **synthetic
         if has_videos:
             return VideoFileClips(source, num_frames, gap, size, seed)
         return FrameFolderClips(source, num_frames, gap, size, seed)
-    raise ValueError(f"data source {source!r} is neither 'synthetic', a video file nor a directory")
+    raise ValueError(f"data source {source!r} is neither 'synthetic', a video file nor a directory "
+                     f"(missing path?)")
