@@ -8,6 +8,7 @@ and is imported only when its subcommand runs, so `smtc --help` stays fast.
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -43,6 +44,21 @@ def build_parser(argv=None):
     return parser
 
 
+def _is_user_error(exc):
+    """Errors caused by the input (a wrong path, a bad file, a checkpoint of another architecture): reported in one
+    clear message instead of a traceback. Anything else is a bug and keeps its traceback."""
+    from smtc_fast.evaluate.io import DataError
+
+    if isinstance(exc, (DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return True
+    if isinstance(exc, RuntimeError) and ("does not fit" in str(exc) or "Error(s) in loading" in str(exc)):
+        return True  # SMTC.load_state_dict / load_dino: lists the missing and unexpected keys
+    import pickle
+
+    return isinstance(exc, (pickle.UnpicklingError, EOFError)) or (
+        isinstance(exc, ValueError) and "checkpoint" in str(exc))
+
+
 def main(argv=None):
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -50,7 +66,13 @@ def main(argv=None):
         parser.print_help()
         return 0
     module = importlib.import_module(args._module)
-    return module.run(args) or 0
+    try:
+        return module.run(args) or 0
+    except Exception as exc:  # noqa: BLE001 (re-raised unless it is the user's input; SMTC_DEBUG=1 always re-raises)
+        if os.environ.get("SMTC_DEBUG") == "1" or not _is_user_error(exc):
+            raise
+        print(f"smtc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

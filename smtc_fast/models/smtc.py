@@ -8,6 +8,7 @@
 """
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -197,12 +198,28 @@ def _config_from_official(sd):
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
     names = {(384, 16): "vit_small_patch16_224", (384, 8): "vit_small_patch8_224", (768, 16): "vit_base_patch16_224",
              (768, 8): "vit_base_patch8_224", (192, 16): "vit_tiny_patch16_224"}
-    if (D, patch) not in names:
+    by_dim = {384: "vit_small_patch16_224", 768: "vit_base_patch16_224", 192: "vit_tiny_patch16_224"}
+    if (D, patch) in names:
+        backbone, patch_override = names[(D, patch)], None
+    elif D in by_dim:  # another patch size on a known width (e.g. the demo's ViT-Tiny/8): timm's patch_size override
+        backbone, patch_override = by_dim[D], patch
+    else:
         raise ValueError(f"no timm ViT known for embed dim {D} and patch {patch}")
     g = int(round((sd["encoder.pos_embed"].shape[1] - 1) ** 0.5))
-    return SMTCConfig(backbone=names[(D, patch)], depth=depth if depth != 12 else None,
+    return SMTCConfig(backbone=backbone, patch_size=patch_override, depth=depth if depth != 12 else None,
                       img_size=g * patch if g * patch != 224 else None, resolution=(side * patch, side * patch),
                       num_slots=S)
+
+
+def _load_file(path, map_location="cpu"):
+    """torch.load(weights_only=True) with errors that name the file (missing, truncated, not a torch file)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (pickle, zip and torch errors all mean: not a loadable checkpoint)
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:300]})") \
+            from None
 
 
 def load_checkpoint(path, config: Optional[SMTCConfig] = None, which="student", map_location="cpu"):
@@ -213,7 +230,7 @@ def load_checkpoint(path, config: Optional[SMTCConfig] = None, which="student", 
     training checkpoint ({'format': 'smtc_fast', 'config', 'student', 'teacher', ...}; `which` picks the weights).
     Always strict, with `weights_only=True`. Returns (model, kind) with kind in {"official", "dino", "smtc_fast"}.
     """
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = _load_file(path, map_location)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if ckpt.get("format") == "smtc_fast":
@@ -242,7 +259,7 @@ def load_dino(model, state_dict_or_path):
     """Load DINO ViT weights (flat timm/DINO names, no head) into model.encoder, strictly."""
     sd = state_dict_or_path
     if isinstance(sd, str):
-        sd = torch.load(sd, map_location="cpu", weights_only=True)
+        sd = _load_file(sd, "cpu")
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     if isinstance(model.encoder, ResNetBackbone):
         raise ValueError("DINO weights need a ViT backbone")
