@@ -69,13 +69,15 @@ class SMTCCandidates:
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
     @torch.no_grad()
-    def __call__(self, rgb):
+    def frames(self, rgb):
+        """Yield (t, semantic_mask (S, h, w), instance_mask (S, P, h, w), similarity (S, P), valid (S, P)) for
+        every frame t of rgb (T, H, W, 3) uint8, in order, each frame once (CPU tensors)."""
         T = rgb.shape[0]
         n = self.num_frames
         starts = list(range(0, max(T - n, 0) + 1, n))
         if starts[-1] + n < T:
             starts.append(T - n)
-        out = [None] * T
+        done = set()
         cfg = self.model.config
         for w, s in enumerate(starts):
             idx = [min(max(s, 0) + i, T - 1) for i in range(n)]  # a video shorter than a window repeats its end
@@ -84,15 +86,18 @@ class SMTCCandidates:
             x = self._prepare(rgb[idx])  # one window at a time: a long FBMS video never sits in memory as floats
             pred = self.model.predict(x[None].to(self.device), instance_noise=noise.to(self.device))
             for i, t in enumerate(idx):
-                if out[t] is not None:
+                if t in done:
                     continue
-                if self.candidates == "similarity":
-                    keep = pred.similarity[0, i] >= self.sim_thresh  # (S, P)
-                else:
-                    keep = pred.valid[0, i]
-                s_idx, p_idx = torch.nonzero(keep, as_tuple=True)
-                masks = pred.instance_mask[0, i][s_idx, p_idx].float().cpu()  # (n, h, w) soft
-                out[t] = (masks, list(zip(s_idx.tolist(), p_idx.tolist())))
+                done.add(t)
+                yield (t, pred.semantic_mask[0, i].float().cpu(), pred.instance_mask[0, i].float().cpu(),
+                       pred.similarity[0, i].cpu(), pred.valid[0, i].cpu())
+
+    def __call__(self, rgb):
+        out = [None] * rgb.shape[0]
+        for t, _, inst, sim, valid in self.frames(rgb):
+            keep = sim >= self.sim_thresh if self.candidates == "similarity" else valid  # (S, P)
+            s_idx, p_idx = torch.nonzero(keep, as_tuple=True)
+            out[t] = (inst[s_idx, p_idx], list(zip(s_idx.tolist(), p_idx.tolist())))  # (n, h, w) soft
         return out
 
 
