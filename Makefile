@@ -42,11 +42,15 @@ test: $(BUILT)
 test-slow: $(BUILT)
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS) python_tests
 
+test-cuda: $(BUILT)
+	$(PY) -m pytest -m cuda -q $(PYTEST_ARGS) python_tests
+
 demo: $(BUILT)
 	$(VENV)/bin/smtc demo
 
 bench: $(BUILT)
 	$(PY) bench/bench_ops.py --json bench_out/bench_ops.json
+	$(PY) bench/bench_propagation.py --json bench_out/bench_propagation.json
 	$(PY) bench/bench_eval.py --json bench_out/bench_eval.json
 
 clean:

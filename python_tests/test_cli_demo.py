@@ -172,3 +172,20 @@ def test_mixed_clip_sources_interleave():
     assert set(mixed[3]) == {"frames", "index"} and mixed[3]["index"] == 3
     ds = open_clips("synthetic,synthetic", 2, 1, (16, 16), seed=3)
     assert isinstance(ds, MixedClips) and len(ds.sources) == 2
+
+
+def test_demo_with_dino_weights_only(tmp_path):
+    """--dino alone: DINO tokens propagate labels, nothing is trained and discovery is skipped (untrained head)."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    dino = tmp_path / "dino.pth"
+    torch.save(vit.state_dict(), dino)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--dino", str(dino), "--out", str(out)]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert {r["features"] for r in rows} == {"DINO ViT-S/16", "colour (no learning)"}
+    assert all("IoU (oracle selection)" not in r for r in rows)
+    _valid_image(out / "synthetic-0_propagation.gif", animated=True)
+    assert not (out / "losses.png").exists()

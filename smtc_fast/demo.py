@@ -363,7 +363,9 @@ def run(args):
                              f"{args.device} ({torch.get_num_threads()} threads); checkpoint {summary['checkpoint']}")
         facts["synthetic discovery (held-out clips, fg IoU)"] = f"{before['fg_iou']:.3f} before -> " \
                                                                 f"{after['fg_iou']:.3f} after training"
-    model.eval()
+    for m in (model, dino):
+        if m is not None:
+            m.eval()
 
     # ---- (3) + (4) per clip
     base = PRESETS["smtc-stride16"]
