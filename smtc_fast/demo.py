@@ -431,10 +431,15 @@ def run(args):
 
     facts["evaluation"] = f"{len(clips)} clips at up to {args.max_height} px height, on {args.device}"
     facts["total time"] = f"{(time.time() - t_start) / 60:.1f} min"
-    statement = ("These numbers come from a tiny SMTC trained here for minutes on a handful of clips (or from the "
-                 "weights you gave); they show that the pipeline runs end to end, they are not the paper's results "
-                 "(ViT-S/16: DAVIS-2017 label propagation J&F 67.6, paper Table 4; DAVIS-2017-Unsupervised J&F 40.5, "
-                 "paper Table 3 (44.8 in the SMTC README): see the README for the commands that reproduce those).")
+    paper = ("the paper's ViT-S/16 results are DAVIS-2017 label propagation J&F 0.676 (67.6, Table 4) and "
+             "DAVIS-2017-Unsupervised J&F 0.405 (40.5, Table 3; 44.8 in the SMTC README), on the full benchmarks at "
+             "480p: see the README for the commands that reproduce those")
+    if trained:
+        statement = ("These numbers come from a tiny SMTC trained here for minutes on a handful of clips; they show "
+                     "that the pipeline runs end to end, they are not the paper's results: " + paper + ".")
+    else:
+        statement = (f"The weights you gave, evaluated on {len(clips)} short clips at up to {args.max_height} px "
+                     "height: a quick look, not the paper's protocol; " + paper + ".")
     preset_info = dataclasses.asdict(base)
     report = write_report(out, {"statement": statement, "facts": facts, "preset": preset_info}, rows, clips_html,
                           loss_png)
