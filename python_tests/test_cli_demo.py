@@ -189,3 +189,14 @@ def test_demo_with_dino_weights_only(tmp_path):
     assert all("IoU (oracle selection)" not in r for r in rows)
     _valid_image(out / "synthetic-0_propagation.gif", animated=True)
     assert not (out / "losses.png").exists()
+
+
+def test_train_and_eval_errors_name_the_input(tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "no_such_dir"), "--output", str(tmp_path / "run"),
+                     "--steps", "1", "--quiet"]) == 2
+    assert "no_such_dir" in capsys.readouterr().err
+    assert cli.main(["train", "--dino", str(tmp_path / "dino.pth"), "--output", str(tmp_path / "run"),
+                     "--steps", "1", "--quiet", "--backbone", "vit_tiny_patch16_224", "--depth", "1"]) == 2
+    assert "dino.pth" in capsys.readouterr().err
+    assert cli.main(["eval-discovery", "--root", str(tmp_path), "--checkpoint", str(tmp_path / "x.pth")]) == 2
+    assert "x.pth" in capsys.readouterr().err

@@ -45,18 +45,17 @@ def build_parser(argv=None):
 
 
 def _is_user_error(exc):
-    """Errors caused by the input (a wrong path, a bad file, a checkpoint of another architecture): reported in one
-    clear message instead of a traceback. Anything else is a bug and keeps its traceback."""
-    from smtc_fast.evaluate.io import DataError
-
-    if isinstance(exc, (DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
-        return True
-    if isinstance(exc, RuntimeError) and ("does not fit" in str(exc) or "Error(s) in loading" in str(exc)):
-        return True  # SMTC.load_state_dict / load_dino: lists the missing and unexpected keys
+    """Errors caused by the input (a wrong path, a bad file or option value, a checkpoint of another architecture):
+    reported in one clear message instead of a traceback. Anything else is a bug and keeps its traceback."""
     import pickle
 
-    return isinstance(exc, (pickle.UnpicklingError, EOFError)) or (
-        isinstance(exc, ValueError) and "checkpoint" in str(exc))
+    from smtc_fast.evaluate.io import DataError
+
+    if isinstance(exc, (DataError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                        IsADirectoryError, PermissionError, pickle.UnpicklingError, EOFError)):
+        return True
+    # SMTC.load_state_dict / load_dino: the message lists the missing and unexpected keys
+    return isinstance(exc, RuntimeError) and ("does not fit" in str(exc) or "Error(s) in loading" in str(exc))
 
 
 def main(argv=None):
@@ -71,7 +70,7 @@ def main(argv=None):
     except Exception as exc:  # noqa: BLE001 (re-raised unless it is the user's input; SMTC_DEBUG=1 always re-raises)
         if os.environ.get("SMTC_DEBUG") == "1" or not _is_user_error(exc):
             raise
-        print(f"smtc {args.command}: error: {exc}", file=sys.stderr)
+        print(f"smtc {args.command}: error: {exc}\n(SMTC_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 
