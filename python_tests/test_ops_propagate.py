@@ -49,7 +49,43 @@ def brute_force(query, first, first_labels, ctx, ctx_labels, grid, topk, radius,
     return torch.einsum("nk,nkl->nl", torch.softmax(v / temperature, 1), labels[i])
 
 
-def check_same_prediction(got, want):
+def boundary_near_ties(query, first, first_labels, ctx, ctx_labels, grid, topk, radius, temperature):
+    """Queries whose top-k boundary is a near tie: a candidate within a float32 dot product's rounding bound
+    (D u for unit vectors, u = 2^-24) of the k-th best logit (float64), not equal to it, and more than k candidates
+    above (k-th - bound). Which of them enters the top-k is then decided by rounding, i.e. by the kernel's summation
+    order against the BLAS in the reference, and both answers are right. Such a swap moves the soft labels by far
+    more than the float tolerance (the swapped candidates carry other labels), but by at most
+    2 x (candidates within the bound of the k-th logit) x (the k-th softmax weight).
+    Returns (skip (N,) bool, bound (N,) float64). Exact ties are not near ties: the tie rule decides those."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).double()
+    inside = torch.cdist(pos, pos) < radius  # (N, N)
+    q = query.cpu().double()
+    A = [q @ first.cpu().double().T] + [(q @ c.double().T).masked_fill(~inside, float("-inf")) for c in ctx.cpu()]
+    A = torch.cat(A, 1)  # (N, N0 + n N)
+    k = min(topk, A.shape[1])
+    if k == A.shape[1]:
+        return torch.zeros(A.shape[0], dtype=torch.bool), torch.zeros(A.shape[0], dtype=torch.float64)
+    tol = query.shape[1] * 2.0 ** -24
+    v = A.topk(k, dim=1).values  # (N, k)
+    lo = v[:, k - 1:]  # the k-th best logit
+    near = (A - lo).abs() < tol
+    contested = (A > lo - tol).sum(1) > k  # rounding could let more than k candidates in
+    skip = contested & (near.sum(1) > (A == lo).sum(1))  # ... and not only by exact ties
+    n_near = near.sum(1)
+    w_k = torch.softmax(v / temperature, 1)[:, k - 1]
+    return skip, 2 * n_near * w_k
+
+
+def check_same_prediction(got, want, skip=None, bound=None):
+    """Soft labels within the float32 tolerance and the same argmax (where the reference's top two labels are not
+    a float-noise tie), on every query but the `skip` ones; those (boundary near ties, see boundary_near_ties) only
+    within their `bound`."""
+    if skip is not None:
+        skip = skip.cpu()
+        assert ((got.cpu()[skip] - want[skip]).abs().max(1).values.double() <= bound[skip] + 1e-5).all()
+        got, want = got[~skip.to(got.device)], want[~skip]
     assert_close_to_reference(got, want.to(got.dtype), rtol=1e-4, atol=1e-5)
     # argmax identical wherever the reference's top two labels are not a float-noise tie
     top2 = want.topk(2, dim=1).values if want.shape[1] > 1 else None
@@ -83,6 +119,11 @@ def test_reference_equals_evaluator_dense_step(topk, radius, chunk):
     ((3, 2), 0, 8, 3, 4, 7.0),         # no context frames
     ((6, 5), 4, 12, 3, 9, 0.0),        # radius 0: no context candidate
     ((6, 5), 4, 12, 3, 9, 0.5),        # radius 0.5: only the query's own cell
+    ((5, 6), 3, 40, 3, 7, 2.5),        # width not a multiple of the 4-query group, D = 16 + 16 + 8 (a SIMD tail)
+    ((1, 13), 3, 16, 2, 6, 4.0),       # 1 x W grid
+    ((11, 1), 3, 16, 2, 6, 4.0),       # H x 1 grid
+    ((2, 3), 2, 20, 3, 7, 9.0),        # grid smaller than the radius
+    ((3, 9), 2, 384, 4, 7, 7.0),       # D = 384 (the SMTC features), 9 = 4 + 4 + 1 queries per row
 ])
 def test_kernel_matches_reference_random(device, grid, n_ctx, d, n_lab, topk, radius):
     args = make_inputs(grid, n_ctx, d, n_lab, device)
@@ -126,6 +167,27 @@ def test_ties_lower_candidate_index_wins(device):
     torch.testing.assert_close(got, first_labels[2].expand(N, 3))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_context_copies_of_frame_zero(device):
+    """The early target frames' context is frame-0 copies (evaluation_protocols.md §2.3): every frame-0 logit then
+    recurs in each context frame inside the disc. With random (non-dyadic) features those copies must still tie
+    exactly, so the tie rule keeps frame 0 first, then context frame 0, ...; each copy has other labels."""
+    grid, d = (6, 7), 40
+    N = grid[0] * grid[1]
+    query = F.normalize(torch.randn(N, d), dim=1)
+    first = F.normalize(torch.randn(N, d), dim=1)
+    ctx = first.expand(3, N, d).contiguous()
+    first_labels = torch.rand(N, 4)
+    ctx_labels = torch.rand(3, N, 4)
+    args = [t.to(device) for t in (query, first, first_labels, ctx, ctx_labels)]
+    for topk in (1, 2, 5, 13):
+        got = propagate_labels(*args, grid, topk, 3.0, 0.1).cpu()
+        want = propagate_labels_reference(query, first, first_labels, ctx, ctx_labels, grid, topk, 3.0, 0.1)
+        assert_close_to_reference(got, want, rtol=1e-5, atol=1e-6)
+    got = propagate_labels(*args, grid, 1, 3.0, 0.1).cpu()  # top-1: frame 0's best token, never a copy
+    torch.testing.assert_close(got, first_labels[(query @ first.T).argmax(1)])
+
+
 def _blackswan_feats(n_frames, stride):
     rgb = np.stack([eio.read_rgb(p) for p in FRAMES[:n_frames]])
     f = P.ColorFeatures(stride)(P.normalize_images(rgb))  # (T, 4, h, w), 480x854 is not a multiple of 16
@@ -136,6 +198,8 @@ def _blackswan_feats(n_frames, stride):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stride,topk,radius", [(16, 7, 7.0), (8, 28, 35.0)])
 def test_blackswan_frames_match_reference(device, stride, topk, radius):
+    """Real frames, colour features (D = 4): many logits near 1, so a few queries have a k-th / (k+1)-th near tie
+    that float rounding decides (boundary_near_ties); everywhere else the prediction is the reference's."""
     feats, grid = _blackswan_feats(6, stride)
     N = feats.shape[1]
     first_labels = torch.rand(N, 3)
@@ -143,21 +207,32 @@ def test_blackswan_frames_match_reference(device, stride, topk, radius):
     args = [feats[5], feats[0], first_labels, feats[1:5], ctx_labels]
     got = propagate_labels(*[a.to(device) for a in args], grid, topk, radius, 0.2).cpu()
     want = propagate_labels_reference(*args, grid, topk, radius, 0.2)
-    check_same_prediction(got, want)
+    skip, bound = boundary_near_ties(*args, grid, topk, radius, 0.2)
+    # colour features crowd near cos = 1: ~1% of the queries at stride 16, ~10% at stride 8 (top-28 of 77k)
+    assert skip.float().mean() < 0.15
+    check_same_prediction(got, want, skip, bound)
 
 
 def test_whole_video_matches_reference_and_dense_path():
-    """The fused op plugged into propagate_video on real frames: identical predictions to the reference stepped the
-    same way. Colour features (D = 4) have exact ties between cells of equal colour; the dense step's torch.topk
-    breaks those arbitrarily, so against it only the argmax is compared (almost everywhere)."""
+    """The fused op plugged into propagate_video on real frames. Step by step against the reference on the very
+    inputs the reference run saw (so a near tie decided differently at one step cannot leak into the next steps'
+    context labels); the fused run on its own agrees with the dense step's argmax almost everywhere (colour
+    features, D = 4, have exact ties between cells of equal colour that torch.topk breaks arbitrarily)."""
     feats, grid = _blackswan_feats(8, 16)
     first = F.one_hot(torch.randint(2, (feats.shape[1],)), 2).float()
+    checked = []
 
     def fused(q, f0, l0, cf, cl, grid, topk, radius, temperature, chunk=None):
         return propagate_labels(q, f0, l0, cf, cl, grid, topk, radius, temperature)
 
-    def reference(q, f0, l0, cf, cl, grid, topk, radius, temperature, chunk=None):
-        return propagate_labels_reference(q, f0, l0, cf, cl, grid, topk, radius, temperature)
+    def reference_and_fused(q, f0, l0, cf, cl, grid, topk, radius, temperature, chunk=None):
+        want = propagate_labels_reference(q, f0, l0, cf, cl, grid, topk, radius, temperature)
+        got = propagate_labels(q, f0, l0, cf, cl, grid, topk, radius, temperature)
+        skip, bound = boundary_near_ties(q, f0, l0, cf, cl, grid, topk, radius, temperature)
+        assert skip.float().mean() < 0.05
+        check_same_prediction(got, want, skip, bound)
+        checked.append(1)
+        return want
 
     pre = P.PRESETS["smtc-stride16"]
 
@@ -165,9 +240,10 @@ def test_whole_video_matches_reference_and_dense_path():
         return [p for _, p in P.propagate_video(iter(feats), first, grid, pre.topk, 4, pre.radius, pre.temperature,
                                                 step=step)]
 
-    got, want, dense = run(fused), run(reference), run(None)
-    for g, w, d in zip(got, want, dense):
-        check_same_prediction(g, w)
+    run(reference_and_fused)
+    assert len(checked) == feats.shape[0] - 1
+    got, dense = run(fused), run(None)
+    for g, d in zip(got, dense):
         assert (g.argmax(1) == d.argmax(1)).float().mean() > 0.99
 
 
