@@ -83,13 +83,16 @@ def test_eval_masks_size_mismatch_names_file(tmp_path, capsys):
     assert "00000.png" in err and "427x240" in err
 
 
-def test_eval_prop_cli_colour_features(tmp_path, capsys):
+@pytest.mark.parametrize("step_args,kernel", [([], "fused"), (["--dense"], "dense"), (["--kernel", "dense"], "dense")])
+def test_eval_prop_cli_colour_features(tmp_path, capsys, step_args, kernel):
+    """The fused operator by default, the dense PyTorch step with --dense (or --kernel dense): the same scores."""
     root = _davis_root(tmp_path, n_frames=6)
     out = tmp_path / "prop"
     rc = main(["eval-prop", "--root", str(root), "--out", str(out), "--features", "color",
-               "--preset", "smtc-stride16", "--device", "cpu"])
+               "--preset", "smtc-stride16", "--device", "cpu"] + step_args)
     assert rc == 0
     summary = json.load(open(out / "eval_prop-davis.json"))
+    assert summary["kernel"] == kernel
     # the pipeline of the pinned propagation test on frames 0-5 (scored: 1-4), SMTC stride-16 settings
     assert summary["global"]["J&F-Mean"] == pytest.approx(0.844827, abs=2e-4)
     assert summary["settings"]["topk"] == 7 and summary["settings"]["radius"] == 7

@@ -628,9 +628,11 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device (cuda when available)")
     parser.add_argument("--max-videos", type=int, default=None, help="JHMDB: only the first N videos")
-    parser.add_argument("--kernel", default="dense", choices=["dense", "fused"],
-                        help="propagation step: dense = propagate_dense (PyTorch, chunked); fused = the "
-                             "smtc_fast.ops.propagate_labels operator")
+    parser.add_argument("--kernel", default="fused", choices=["dense", "fused"],
+                        help="propagation step: fused (default) = the smtc_fast.ops.propagate_labels operator "
+                             "(its PyTorch reference where the extension is not built); dense = propagate_dense "
+                             "(PyTorch, chunked), for comparison")
+    parser.add_argument("--dense", action="store_true", help="same as --kernel dense: the dense PyTorch step")
     parser.add_argument("--no-overlays", action="store_true", help="skip the per-video overlay images")
 
 
@@ -639,7 +641,8 @@ def run(args):
     preset = resolve_preset(args)
     print(f"smtc eval-prop: dataset {args.dataset}, preset {args.preset} -> {asdict(preset)}")
     feature_fn = build_feature_fn(args)
-    step = resolve_step(args.kernel)
+    kernel = "dense" if args.dense else args.kernel
+    step = resolve_step(kernel)
     crop = CROP_SIZE[args.dataset] if args.crop_size is None else args.crop_size
     os.makedirs(args.out, exist_ok=True)
     try:
@@ -660,7 +663,7 @@ def run(args):
         return 2
     summary.update({"dataset": args.dataset, "preset": args.preset, "settings": asdict(preset),
                     "features": args.features, "checkpoint": args.checkpoint, "crop_size": crop,
-                    "kernel": args.kernel,
+                    "kernel": kernel,
                     "seconds": time.time() - t0})
     write_summary(summary, args.out, f"eval_prop-{args.dataset}")
     return 0
