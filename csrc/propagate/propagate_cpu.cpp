@@ -1,24 +1,26 @@
 // C++ CPU kernel of smtc_fast::propagate_labels (propagate.h has the spec). Never builds the (N, (n+1)N)
-// affinity or an HW x HW radius mask. Queries go in groups of kQ = 4 consecutive cells of one grid row, split over
-// threads (at::parallel_for); each logit comes from one register-blocked microkernel (block_dots: kQ queries x
-// kK = 4 keys, ~80% of the core's FMA peak) and goes straight into the query's running top-k (propagate.h):
-//  1. frame 0 (every token a candidate): all N0 keys in blocks of kK, in chunks of ~512 KB of keys so that a chunk
-//     stays in L2 while the thread's groups sweep it (a GEMM with a top-k epilogue, no logit buffer);
+// affinity or an HW x HW radius mask. Queries go in groups of kQ = 4 consecutive cells of one grid row; every logit
+// comes from one register-blocked microkernel (block_dots: kQ queries x kK = 4 keys, ~85% of a core's FMA peak
+// here) and goes straight into the query's running top-k (propagate.h), no logit buffer:
+//  1. frame 0 (every token a candidate): a GEMM with a top-k epilogue, in tasks of ~256 KB of keys (a chunk stays
+//     in L2 while all query groups sweep it);
 //  2. context frames: only the disc around each query. Per disc row the group's four key runs are one contiguous
-//     union run (2*half + 4 keys: ~1.3x the disc's dot products at radius 7, less at larger radii), each logit
-//     offered to the queries whose disc holds it. Frame-outer per thread: one frame's band of keys stays in cache
-//     while the thread's groups scan it;
-//  3. softmax over the kept logits and the weighted sum of labels (propagate.h).
-// Each query sees its candidates in increasing candidate index (frame 0, then frame j = 0.., disc rows top to
-// bottom, keys left to right), as the tie rule needs. Frame 0 goes through the same microkernel as the context
-// (not the BLAS): every logit of a pair is then summed in the same order wherever the key sits, so a context key
-// equal to a frame-0 key (the early frames' context is frame-0 copies) gives a bit-equal logit and the tie rule,
-// not rounding, decides between them.
+//     union run (2*half + 4 keys: 1.37x the disc's dot products at radius 7 on the 30 x 53 grid, 1.08x at radius
+//     35 on 60 x 107), each logit offered to the queries whose disc holds it. One task per frame;
+//  3. the threads' top-k lists merged, softmax over the kept logits, weighted sum of labels (propagate.h).
+// Threads split the tasks (the candidates), not the queries; see the comment at phase 1. Each query sees its
+// candidates in increasing candidate index within a thread's list, and the merge orders by (logit, lower index),
+// as the tie rule needs. Frame 0 goes through the same microkernel as the context (not the BLAS): every logit of a
+// pair is then summed in the same order wherever the key sits, so a context key equal to a frame-0 key (the early
+// frames' context is frame-0 copies) gives a bit-equal logit and the tie rule, not rounding, decides between them.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/Parallel.h>  // at::get_num_threads, at::in_parallel_region
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
+#include <atomic>
+#include <thread>
 #include <cstring>
 #include <vector>
 
@@ -33,7 +35,7 @@ namespace {
 
 constexpr int kQ = 4;          // queries per microkernel block: one grid row, consecutive cells
 constexpr int kK = 4;          // keys per microkernel block: consecutive cells of one disc-row run
-constexpr int64_t kChunkBytes = 512 << 10;  // frame-0 keys per chunk: half of this machine's 1 MB L2 per core
+constexpr int64_t kChunkBytes = 256 << 10;  // frame-0 keys per task: a quarter of this machine's 1 MB L2
 
 struct Disc {
   int reach;              // rows dy in [-reach, reach]
@@ -181,6 +183,22 @@ void scan_context_frame(const float* query, const float* frame, int64_t j, int64
   }
 }
 
+// Runs fn(0), ..., fn(n - 1) on n threads (the caller's among them). Not at::parallel_for: with ATen's OpenMP
+// backend its parallel region is a `#pragma omp parallel` in a header (ATen/ParallelOpenMP.h), and this extension
+// is compiled without -fopenmp (setup.py), so at::parallel_for runs its whole range on the calling thread. Inside
+// another parallel region, or for n = 1, everything runs here.
+template <typename F>
+void run_on_threads(int64_t n, const F& fn) {
+  if (n <= 1 || at::in_parallel_region()) {
+    for (int64_t s = 0; s < n; ++s) fn(s);
+    return;
+  }
+  std::vector<std::thread> threads;
+  for (int64_t s = 1; s < n; ++s) threads.emplace_back([&fn, s] { fn(s); });
+  fn(0);
+  for (auto& t : threads) t.join();
+}
+
 at::Tensor propagate_labels_cpu(const at::Tensor& query_in, const at::Tensor& first_feats_in,
                                 const at::Tensor& first_labels_in, const at::Tensor& ctx_feats_in,
                                 const at::Tensor& ctx_labels_in, at::IntArrayRef grid, int64_t topk, double radius,
@@ -206,31 +224,62 @@ at::Tensor propagate_labels_cpu(const at::Tensor& query_in, const at::Tensor& fi
   const float* fl_ptr = first_labels.data_ptr<float>();
   const float* cl_ptr = ctx_labels.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
-  // running top-k of every query: N * k logits and candidate indices (k <= topk: a few hundred KB at most)
-  std::vector<float> vals(N * k);
-  std::vector<int64_t> idx(N * k);
-  std::vector<int> count(N, 0);
-
-  // 1. frame 0 and 2. the context frames, in parallel over query groups (each query belongs to one group)
+  // 1. frame 0 and 2. the context frames. The threads split the candidates, not the queries: a task is a chunk
+  // of frame-0 keys or one context frame, for every query. A frame's keys then stream from memory once per call
+  // (a thread sweeping all grid rows keeps the disc's sliding band of key rows in L2), where splitting the grid
+  // into bands of query rows re-reads each band's 2 * reach border rows per band (measured: 2-row bands cost 1.7x
+  // the context time of 15-row bands). Tasks come from a shared counter in increasing candidate order, so each
+  // thread's own top-k sees its candidates in increasing index, and the dynamic schedule does not wait for a core
+  // that another process is using. Each thread keeps a running top-k per query (N * k values and indices: a few
+  // hundred KB at most); phase 3 merges them.
   const bool has_disc = n > 0 && !disc.half.empty() && disc.half[disc.reach] >= 0;
   const int64_t gw = (w + kQ - 1) / kQ, n_groups = h * gw;
   const int64_t key_chunk = std::max<int64_t>(kK, kChunkBytes / (D * int64_t(sizeof(float))) / kK * kK);
+  const int64_t n_first_tasks = (N0 + key_chunk - 1) / key_chunk;
+  const int64_t n_tasks = n_first_tasks + (has_disc ? n : 0);
+  const int64_t n_slots = std::max<int64_t>(1, std::min<int64_t>(n_tasks, at::get_num_threads()));
+  std::vector<float> vals(n_slots * N * k);
+  std::vector<int64_t> idx(n_slots * N * k);
+  std::vector<int> count(n_slots * N, 0);
   const float* f_ptr = first_feats.data_ptr<float>();
-  at::parallel_for(0, n_groups, 4, [&](int64_t gb, int64_t ge) {
-    for (int64_t kb = 0; kb < N0; kb += key_chunk)
-      scan_first_chunk(q_ptr, f_ptr, kb, std::min(N0, kb + key_chunk), gb, ge, gw, w, D, vals.data(), idx.data(),
-                       count.data(), k);
-    if (has_disc)
-      for (int64_t j = 0; j < n; ++j)
-        scan_context_frame(q_ptr, ctx_ptr + j * N * D, j, gb, ge, gw, h, w, D, N0, disc, vals.data(), idx.data(),
-                           count.data(), k);
+  std::atomic<int64_t> next{0};
+  run_on_threads(n_slots, [&](int64_t slot) {
+    float* v = vals.data() + slot * N * k;
+    int64_t* ix = idx.data() + slot * N * k;
+    int* cnt = count.data() + slot * N;
+    for (int64_t t; (t = next.fetch_add(1)) < n_tasks;) {
+      if (t < n_first_tasks)
+        scan_first_chunk(q_ptr, f_ptr, t * key_chunk, std::min(N0, (t + 1) * key_chunk), 0, n_groups, gw, w, D, v,
+                         ix, cnt, k);
+      else
+        scan_context_frame(q_ptr, ctx_ptr + (t - n_first_tasks) * N * D, t - n_first_tasks, 0, n_groups, gw, h, w,
+                           D, N0, disc, v, ix, cnt, k);
+    }
   });
 
-  // 3. softmax and labels
-  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
-    for (int64_t qi = b; qi < e; ++qi)
-      softmax_aggregate(vals.data() + qi * k, idx.data() + qi * k, count[qi], inv_temp, fl_ptr, N0, cl_ptr, K,
+  // 3. merge the threads' top-k lists (by logit, then by lower candidate index: the tie rule), softmax, labels
+  const int64_t n_merge = std::min<int64_t>(at::get_num_threads(), (N + 255) / 256);
+  run_on_threads(n_merge, [&](int64_t part) {
+    const int64_t b = N * part / n_merge, e = N * (part + 1) / n_merge;
+    std::vector<std::pair<float, int64_t>> all(n_slots * k);
+    std::vector<float> mv(k);
+    std::vector<int64_t> mi(k);
+    for (int64_t qi = b; qi < e; ++qi) {
+      int64_t c = 0;
+      for (int64_t sl = 0; sl < n_slots; ++sl)
+        for (int r = 0; r < count[sl * N + qi]; ++r)
+          all[c++] = {vals[(sl * N + qi) * k + r], idx[(sl * N + qi) * k + r]};
+      const int64_t m = std::min<int64_t>(k, c);
+      std::partial_sort(all.begin(), all.begin() + m, all.begin() + c, [](const auto& x, const auto& y) {
+        return x.first > y.first || (x.first == y.first && x.second < y.second);
+      });
+      for (int64_t r = 0; r < m; ++r) {
+        mv[r] = all[r].first;
+        mi[r] = all[r].second;
+      }
+      softmax_aggregate(mv.data(), mi.data(), static_cast<int>(m), inv_temp, fl_ptr, N0, cl_ptr, K,
                         out_ptr + qi * K);
+    }
   });
   return out;
 }
