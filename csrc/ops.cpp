@@ -12,7 +12,7 @@ TORCH_LIBRARY(smtc_fast, m) {
   // mask (B, G, N) or None, eps -> updates (B, G, P, D), attn (B, G, P, N). Stage 1 is G = 1, P = S.
   m.def("slot_aggregate(Tensor logits, Tensor values, Tensor? mask, float eps) -> (Tensor, Tensor)");
   m.def(
-      "_slot_aggregate_backward(Tensor grad_updates, Tensor grad_attn, Tensor logits, Tensor values, "
+      "_slot_aggregate_backward(Tensor grad_updates, Tensor? grad_attn, Tensor logits, Tensor values, "
       "Tensor? mask, Tensor attn, float eps) -> (Tensor, Tensor)");
 
   // Log-domain Sinkhorn: cost (B, N, M), log_mu (B, N), log_nu (B, M) -> plan (B, N, M), f (B, N), g (B, M).

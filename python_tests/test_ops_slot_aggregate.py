@@ -4,7 +4,7 @@ import torch
 
 import smtc_fast
 from smtc_fast.ops import slot_aggregate, slot_aggregate_reference
-from smtc_fast.testing import assert_close_to_reference
+from smtc_fast.testing import assert_close_to_reference, assert_within_reference_error
 
 from conftest import DEVICES
 
@@ -203,3 +203,89 @@ def test_sparse_and_dense_mask_contractions(device, dtype, density, P):
     rgrads = torch.autograd.grad((ru * gu).sum() + (ra * ga).sum(), (logits, values))
     for g, r in zip(grads, rgrads):
         assert_close_to_reference(g, r)
+
+
+def _mask_pattern(kind, B, S, N, device, dtype):
+    """Semantic masks that exercise the packed token lists: empty, full, a single token, sparse and dense groups."""
+    g = torch.Generator().manual_seed(1)
+    if kind == "zeros":
+        return torch.zeros(B, S, N, dtype=dtype, device=device)
+    if kind == "ones":
+        return torch.ones(B, S, N, dtype=dtype, device=device)
+    if kind == "one_token":  # a different single token per group
+        mask = torch.zeros(B, S, N, dtype=dtype)
+        mask.view(B * S, N)[torch.arange(B * S), torch.randint(N, (B * S,), generator=g)] = 1
+        return mask.to(device)
+    if kind == "mixed":  # empty, full and sparse groups side by side in one call
+        mask = (torch.rand(B, S, N, generator=g) < 0.3).to(dtype)
+        mask[:, 0] = 0
+        mask[:, -1] = 1
+        return mask.to(device)
+    if kind == "soft":  # non-negative weights (the first release's soft semantic mask), zeros included
+        return (torch.rand(B, S, N, generator=g) * (torch.rand(B, S, N, generator=g) < 0.5)).to(dtype).to(device)
+    density = float(kind)
+    return (torch.rand(B, S, N, generator=g) < density).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["zeros", "ones", "one_token", "0.1", "0.9", "mixed", "soft"])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 7 * 9, 33), (2, 3, 4, 64, 100), (1, 4, 5, 40, 16), (1, 2, 4, 256, 384)])
+def test_packed_token_lists_match_reference(device, dtype, kind, shape):
+    """The kernels contract only over each group's masked tokens: every mask pattern, P in blocks of four and
+    remainders, D in full vectors and tails, with and without a gradient reaching attn directly.
+
+    Gradients in float32 are judged against float64 with the low-precision policy (at most twice the reference's
+    own float32 error): a single-token group has attn = a / (a + eps) ~ 1, so its renormalisation backward
+    (gw - <gw, attn>) / z cancels and both the kernel and the reference keep only float32 rounding of gw there.
+    """
+    B, S, P, N, D = shape
+    logits, values, _ = make((B, S, P, N, D), device, dtype)
+    mask = _mask_pattern(kind, B, S, N, device, dtype)
+    u, a = slot_aggregate(logits, values, mask)
+    ru, ra = slot_aggregate_reference(logits, values, mask)
+    assert_close_to_reference(u, ru)
+    assert_close_to_reference(a, ra)
+    exact = [t.detach().double().requires_grad_() for t in (logits, values)]
+    eu, ea = slot_aggregate_reference(exact[0], exact[1], mask.double())
+    gu = torch.randn_like(u)
+    for with_attn_grad in (False, True):  # SMTC uses only the updates: grad_attn is then None in the backward
+        ga = torch.randn_like(a) if with_attn_grad else torch.zeros_like(a)
+        loss = (u * gu).sum() + ((a * ga).sum() if with_attn_grad else 0)
+        grads = torch.autograd.grad(loss, (logits, values), retain_graph=True)
+        rgrads = torch.autograd.grad((ru * gu).sum() + (ra * ga).sum(), (logits, values), retain_graph=True)
+        egrads = torch.autograd.grad((eu * gu.double()).sum() + (ea * ga.double()).sum(), exact, retain_graph=True)
+        for g, r, e in zip(grads, rgrads, egrads):
+            if dtype == torch.float64:
+                assert_close_to_reference(g, r)
+            else:
+                assert_within_reference_error(g, r, e)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+def test_backward_op_grad_attn_none_equals_zeros():
+    logits, values, _ = make((2, 3, 4, 30, 20), "cpu", torch.float32)
+    mask = (torch.rand(2, 3, 30) < 0.4).float()
+    u, a = torch.ops.smtc_fast.slot_aggregate(logits.detach(), values.detach(), mask, 1e-8)
+    gu = torch.randn_like(u)
+    args = (logits.detach(), values.detach(), mask, a, 1e-8)
+    none = torch.ops.smtc_fast._slot_aggregate_backward(gu, None, *args)
+    zeros = torch.ops.smtc_fast._slot_aggregate_backward(gu, torch.zeros_like(a), *args)
+    for x, y in zip(none, zeros):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="grad_attn must have the shape"):
+        torch.ops.smtc_fast._slot_aggregate_backward(gu, torch.zeros(2, 3, 4, 29), *args)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+def test_only_updates_used_gives_no_materialised_attn_grad():
+    """SMTC backpropagates through the updates only; the op then skips the attn-gradient term entirely."""
+    logits, values, _ = make((2, 3, 4, 30, 20), "cpu", torch.float32)
+    mask = (torch.rand(2, 3, 30) < 0.4).float()
+    u, _ = slot_aggregate(logits, values, mask)
+    u.sum().backward()
+    ref_logits = logits.detach().requires_grad_()
+    ref_values = values.detach().requires_grad_()
+    slot_aggregate_reference(ref_logits, ref_values, mask)[0].sum().backward()
+    assert_close_to_reference(logits.grad, ref_logits.grad)
+    assert_close_to_reference(values.grad, ref_values.grad)

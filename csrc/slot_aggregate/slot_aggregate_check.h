@@ -25,20 +25,26 @@ inline void check_slot_aggregate_args(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
 }
 
-inline void check_slot_aggregate_backward_args(const at::Tensor& grad_updates, const at::Tensor& grad_attn,
+inline void check_slot_aggregate_backward_args(const at::Tensor& grad_updates,
+                                               const c10::optional<at::Tensor>& grad_attn_opt,
                                                const at::Tensor& logits, const at::Tensor& values,
                                                const c10::optional<at::Tensor>& mask, const at::Tensor& attn,
                                                double eps) {
   check_slot_aggregate_args(logits, values, mask, eps);
-  TORCH_CHECK(grad_attn.sizes() == logits.sizes() && attn.sizes() == logits.sizes(),
-              "grad_attn and attn must have the shape of logits ", logits.sizes());
+  TORCH_CHECK(attn.sizes() == logits.sizes(), "attn must have the shape of logits ", logits.sizes(), ", got ",
+              attn.sizes());
+  if (grad_attn_opt.has_value()) {  // None: no gradient reaches attn directly (SMTC uses only the updates)
+    const at::Tensor& grad_attn = *grad_attn_opt;
+    TORCH_CHECK(grad_attn.sizes() == logits.sizes(), "grad_attn must have the shape of logits ", logits.sizes(),
+                ", got ", grad_attn.sizes());
+    SMTC_CHECK_SAME(grad_attn, logits);
+  }
   TORCH_CHECK(grad_updates.dim() == 4 && grad_updates.size(0) == logits.size(0) &&
                   grad_updates.size(1) == logits.size(1) && grad_updates.size(2) == logits.size(2) &&
                   grad_updates.size(3) == values.size(2),
               "grad_updates must have shape (B, G, P, D) = (", logits.size(0), ", ", logits.size(1), ", ",
               logits.size(2), ", ", values.size(2), "), got ", grad_updates.sizes());
   SMTC_CHECK_SAME(grad_updates, logits);
-  SMTC_CHECK_SAME(grad_attn, logits);
 }
 
 }  // namespace slot_aggregate

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cuda(const at::Tensor& logits_
 }
 
 std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cuda(const at::Tensor& grad_updates_in,
-                                                                const at::Tensor& grad_attn,
+                                                                const c10::optional<at::Tensor>& grad_attn,
                                                                 const at::Tensor& logits_in, const at::Tensor& values,
                                                                 const c10::optional<at::Tensor>& mask_in,
                                                                 const at::Tensor& attn_in, double eps) {
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cuda(const at::Tensor
                    Operand{values.stride(0), values.stride(1), values.stride(2)}, gw.data_ptr(), B, G * P, N, D,
                    stream);
   }
-  gw.add_(grad_attn);
+  if (grad_attn.has_value()) gw.add_(*grad_attn);
   launch_attention_backward(dt, logits.data_ptr(), mask.defined() ? mask.data_ptr() : nullptr, attn.data_ptr(), eps,
                             B, G, P, N, gw.data_ptr(), stream);
   // grad_values[n, d] = sum_gp attn[gp, n] grad_updates[gp, d]

@@ -97,15 +97,25 @@ if _extension.extension_loaded():
         updates, attn = output
         ctx.save_for_backward(logits, values, mask, attn)
         ctx.eps = eps
+        # SMTC uses only the updates: leave the unused output's gradient None instead of a materialised zero
+        # tensor of attn's size (8 MB per stage-2 call, allocated and zero-filled for nothing).
+        ctx.set_materialize_grads(False)
+
+    # An extension built before grad_attn became optional (a stale editable build) still gets a zero tensor.
+    _GRAD_ATTN_OPTIONAL = isinstance(torch.ops.smtc_fast._slot_aggregate_backward.default._schema.arguments[1].type,
+                                     torch.OptionalType)
 
     def _backward(ctx, grad_updates, grad_attn):
         logits, values, mask, attn = ctx.saved_tensors
         if grad_updates is None:
             grad_updates = torch.zeros((*attn.shape[:3], values.shape[2]), dtype=attn.dtype, device=attn.device)
-        if grad_attn is None:
+        if grad_attn is not None:
+            grad_attn = grad_attn.contiguous()
+        elif not _GRAD_ATTN_OPTIONAL:
             grad_attn = torch.zeros_like(attn)
+        # grad_attn None (only the updates are used, as in SMTC): the kernel skips that term, no zero tensor
         grad_logits, grad_values = torch.ops.smtc_fast._slot_aggregate_backward(
-            grad_updates.contiguous(), grad_attn.contiguous(), logits, values, mask, attn, ctx.eps)
+            grad_updates.contiguous(), grad_attn, logits, values, mask, attn, ctx.eps)
         return grad_logits, grad_values, None, None
 
     torch.library.register_autograd("smtc_fast::slot_aggregate", _backward, setup_context=_setup_context)
