@@ -71,9 +71,13 @@ def _extensions():
 
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    # -fopenmp-simd: honour `omp simd` (no OpenMP runtime); -fno-trapping-math: lets GCC if-convert the
-    # selects in the vectorised exp (csrc/common/math.h). No -ffast-math: NaN/inf semantics are kept.
-    cxx += ["-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math"]
+    # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h, torch is built
+    # with AT_PARALLEL_OPENMP), so without it every parallel_for in our kernels runs on one thread. The extension
+    # then needs libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime, torch's
+    # thread count). -fno-trapping-math: lets GCC if-convert the selects in the vectorised exp
+    # (csrc/common/math.h). No -ffast-math: NaN/inf semantics are kept.
+    cxx += ["-fvisibility=hidden", "-fopenmp", "-fno-trapping-math"]
+    link = ["-fopenmp"]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
     nvcc += ["--expt-relaxed-constexpr"]
     define_macros = [] if debug else [("NDEBUG", None)]
@@ -106,6 +110,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
         record["why_no_cuda"] = why
@@ -115,6 +120,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     record["torch_at_build"] = torch.__version__
     record["cuda_at_build"] = torch.version.cuda
