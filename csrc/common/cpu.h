@@ -1,6 +1,6 @@
 // CPU-kernel helpers: function multi-versioning so that the vectorisable loops run with the widest SIMD the
 // machine has (AVX-512, AVX2, or the x86-64 baseline) from one portable build; `#pragma omp simd`
-// (compiled with -fopenmp-simd: no OpenMP runtime) lets GCC vectorise the max/sum reductions.
+// lets GCC vectorise the max/sum reductions (threads: common/threads.h).
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SMTC_NO_CLONES)

@@ -26,6 +26,7 @@
 
 #include "common/alloc.h"
 #include "common/cpu.h"
+#include "common/threads.h"
 #include "propagate/propagate.h"
 #include "propagate/propagate_check.h"
 
@@ -181,29 +182,6 @@ void scan_context_frame(const float* query, const float* frame, int64_t j, int64
       }
     }
   }
-}
-
-// Runs fn(0), ..., fn(n - 1) on up to n threads. With ATen's OpenMP backend, at::parallel_for's parallel region is a
-// `#pragma omp parallel` in a header (ATen/ParallelOpenMP.h): compiled without -fopenmp it runs its whole range on
-// the calling thread. So: at::parallel_for where this file is compiled with OpenMP, std::thread otherwise (inside
-// another parallel region, or for n = 1, everything runs here). Each fn(s) takes tasks from a shared counter, so a
-// thread that gets several s, or none, changes nothing but the speed.
-template <typename F>
-void run_on_threads(int64_t n, const F& fn) {
-#if defined(_OPENMP)
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    for (int64_t s = b; s < e; ++s) fn(s);
-  });
-#else
-  if (n <= 1 || at::in_parallel_region()) {
-    for (int64_t s = 0; s < n; ++s) fn(s);
-    return;
-  }
-  std::vector<std::thread> threads;
-  for (int64_t s = 1; s < n; ++s) threads.emplace_back([&fn, s] { fn(s); });
-  fn(0);
-  for (auto& t : threads) t.join();
-#endif
 }
 
 at::Tensor propagate_labels_cpu(const at::Tensor& query_in, const at::Tensor& first_feats_in,

@@ -17,6 +17,7 @@
 
 #include "common/alloc.h"
 #include "common/cpu.h"
+#include "common/threads.h"
 #include "slot_aggregate/slot_aggregate.h"
 #include "slot_aggregate/slot_aggregate_check.h"
 
@@ -449,21 +450,6 @@ template <typename T> int64_t mask_tokens(const T* mask, int64_t N, int32_t* idx
   }
   std::fill(idx + K, idx + N + kPrefetchTokens, 0);
   return K;
-}
-
-// Runs fn(0), ..., fn(n - 1) on n threads (the caller's among them). Not at::parallel_for: with ATen's OpenMP
-// backend its parallel region is a `#pragma omp parallel` in a header (ATen/ParallelOpenMP.h), and an extension
-// built without -fopenmp runs it on the calling thread (as csrc/propagate/propagate_cpu.cpp does, for the same
-// reason). Inside another parallel region, or for n = 1, everything runs here.
-template <typename F> void run_on_threads(int64_t n, const F& fn) {
-  if (n <= 1 || at::in_parallel_region()) {
-    for (int64_t s = 0; s < n; ++s) fn(s);
-    return;
-  }
-  std::vector<std::thread> threads;
-  for (int64_t s = 1; s < n; ++s) threads.emplace_back([&fn, s] { fn(s); });
-  fn(0);
-  for (auto& t : threads) t.join();
 }
 
 // fn(b0, b1) over chunks of kFramesPerTask frames taken from a shared counter: the dynamic schedule does not wait
