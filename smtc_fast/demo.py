@@ -268,7 +268,7 @@ def add_arguments(parser):
                         help="your clips instead of the embedded ones: a video file, a folder of frames, or a folder "
                              "of frame folders (DAVIS layout: Annotations/ next to JPEGImages/ gives scores)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps of the small model (default 600, --quick 12; ~3.5 min on 2 CPU cores)")
+                        help="training steps of the small model (default 600, --quick 12; ~4 min on 2 CPU cores)")
     parser.add_argument("--batch-size", type=int, default=None, help="clips per step (default 4, --quick 2)")
     parser.add_argument("--max-frames", type=int, default=30, help="frames per clip used for the evaluation")
     parser.add_argument("--max-height", type=int, default=240,
