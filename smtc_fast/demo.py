@@ -49,7 +49,7 @@ def _write_clip(out_dir, name, rgb, labels=None, ext=".jpg"):
     os.makedirs(os.path.join(out_dir, "JPEGImages", name), exist_ok=True)
     for t, im in enumerate(rgb):
         p = os.path.join(out_dir, "JPEGImages", name, f"{t:05d}{ext}")
-        Image.fromarray(im).save(p, quality=92) if ext == ".jpg" else Image.fromarray(im).save(p)
+        Image.fromarray(im).save(p, **({"quality": 92} if ext == ".jpg" else {}))
         frames.append(p)
         if labels is not None:
             a = os.path.join(out_dir, "Annotations", name, f"{t:05d}.png")
@@ -166,15 +166,20 @@ def loss_plot(metrics_path, png):
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation of one clip
 
-def propagation_scores(clip, feature_fn, preset, device):
-    """Propagate frame 0's annotation (or `first` labels) -> (predicted id maps (T, H, W), J&F dict or None)."""
-    from smtc_fast.evaluate import metrics
+def propagate(clip, first_label, feature_fn, preset, device, label_name):
+    """Propagate an (H, W) id map of frame 0 through the clip with the fused op -> predicted id maps (T, H, W)."""
     from smtc_fast.evaluate.propagation import propagate_label_video, resolve_step
 
+    return np.stack([lab for _, lab in propagate_label_video(clip.frames, first_label, feature_fn, preset, -1, 16,
+                                                             1024, device, label_name, step=resolve_step("fused"))])
+
+
+def propagation_scores(clip, feature_fn, preset, device):
+    """Propagate frame 0's annotation -> (predicted id maps (T, H, W), J&F dict)."""
+    from smtc_fast.evaluate import metrics
+
     gt = np.stack([eio.read_label(p) for p in clip.annotations])
-    preds = np.stack([lab for _, lab in propagate_label_video(
-        clip.frames, gt[0], feature_fn, preset, -1, 16, 1024, device, clip.annotations[0],
-        step=resolve_step("fused"))])
+    preds = propagate(clip, gt[0], feature_fn, preset, device, clip.annotations[0])
     n = int(gt.max())
     ids = np.arange(1, n + 1)[:, None, None, None]
     J, Fm = metrics.evaluate_semisupervised(gt[None] == ids, preds[None] == ids)
@@ -406,7 +411,8 @@ def run(args):
                 preds, scores = propagation_scores(clip, fn, preset, args.device)
                 row.update(scores)
             else:
-                preds = _propagate_seeds(clip, seeds, fn, preset, args.device) if seeds is not None else None
+                preds = None if seeds is None else propagate(clip, seeds, fn, preset, args.device,
+                                                             "frame 0 semantic slots")
             if label == feature_sets[0][0] and preds is not None:
                 pal = eio.davis_palette() if clip.annotations else distinct_colours(256)
                 gt = [eio.read_label(p) for p in clip.annotations] if clip.annotations else None
@@ -449,10 +455,3 @@ def run(args):
     print(f"smtc demo: finished in {time.time() - t_start:.0f} s; report: {os.path.abspath(report)}")
     return 0
 
-
-def _propagate_seeds(clip, seeds, feature_fn, preset, device):
-    from smtc_fast.evaluate.propagation import propagate_label_video, resolve_step
-
-    return np.stack([lab for _, lab in propagate_label_video(clip.frames, seeds, feature_fn, preset, -1, 16, 1024,
-                                                             device, "frame 0 semantic slots",
-                                                             step=resolve_step("fused"))])

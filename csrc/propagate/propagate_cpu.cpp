@@ -124,16 +124,27 @@ SMTC_CPU_CLONES void block_dots(const float* const* q, const float* const* key, 
 #endif
 }
 
+// Query group gi (groups numbered row by row, gw per grid row): its grid row qy, first column qx0 and first query q0,
+// and qp[0..kQ) = its query rows (a short last group repeats its last query, so the microkernel needs no bounds).
+// Returns the number of real queries ng <= kQ.
+inline int64_t query_group(const float* query, int64_t gi, int64_t gw, int64_t w, int64_t d, const float** qp,
+                           int64_t& qy, int64_t& qx0, int64_t& q0) {
+  qy = gi / gw;
+  qx0 = (gi % gw) * kQ;
+  q0 = qy * w + qx0;
+  const int64_t ng = std::min<int64_t>(kQ, w - qx0);
+  for (int g = 0; g < kQ; ++g) qp[g] = query + (q0 + std::min<int64_t>(g, ng - 1)) * d;
+  return ng;
+}
+
 // Frame 0 for the query groups [gb, ge) (groups numbered row by row, gw groups per grid row): every key
 // [kb, ke) is a candidate, its candidate index is its row. Top-k state of query qi: vals/idx + qi * k, count[qi].
 void scan_first_chunk(const float* query, const float* first, int64_t kb, int64_t ke, int64_t gb, int64_t ge,
                       int64_t gw, int64_t w, int64_t d, float* vals, int64_t* idx, int* count, int k) {
   for (int64_t gi = gb; gi < ge; ++gi) {
-    const int64_t qy = gi / gw, qx0 = (gi % gw) * kQ;
-    const int64_t ng = std::min<int64_t>(kQ, w - qx0);
-    const int64_t q0 = qy * w + qx0;
     const float* qp[kQ];
-    for (int g = 0; g < kQ; ++g) qp[g] = query + (q0 + std::min<int64_t>(g, ng - 1)) * d;
+    int64_t qy, qx0, q0;
+    const int64_t ng = query_group(query, gi, gw, w, d, qp, qy, qx0, q0);
     for (int64_t xb = kb; xb < ke; xb += kK) {
       const int64_t nk = std::min<int64_t>(kK, ke - xb);
       const float* kp[kK];
@@ -155,11 +166,9 @@ void scan_context_frame(const float* query, const float* frame, int64_t j, int64
   const int64_t N = h * w;
   const int64_t base = n0 + j * N;  // candidate index of the frame's token 0
   for (int64_t gi = gb; gi < ge; ++gi) {
-    const int64_t qy = gi / gw, qx0 = (gi % gw) * kQ;
-    const int64_t ng = std::min<int64_t>(kQ, w - qx0);
-    const int64_t q0 = qy * w + qx0;
     const float* qp[kQ];
-    for (int g = 0; g < kQ; ++g) qp[g] = query + (q0 + std::min<int64_t>(g, ng - 1)) * d;
+    int64_t qy, qx0, q0;
+    const int64_t ng = query_group(query, gi, gw, w, d, qp, qy, qx0, q0);
     for (int dy = -disc.reach; dy <= disc.reach; ++dy) {
       const int hw = disc.half[dy + disc.reach];
       const int64_t y = qy + dy;
