@@ -1,6 +1,9 @@
 // The Python module smtc_fast._C: loading it registers the operators (ops.cpp and the kernels' static
-// TORCH_LIBRARY_IMPL blocks). It exposes build facts only; no tensor function goes through pybind.
+// TORCH_LIBRARY_IMPL blocks). It exposes build facts and the CPU output cache's controls (common/alloc.h); no
+// tensor function goes through pybind.
 #include <pybind11/pybind11.h>
+
+#include "common/alloc.h"
 
 #include <string>
 
@@ -26,6 +29,13 @@ PYBIND11_MODULE(_C, mod) {
     d["debug"] = true;
 #endif
     d["compiler"] = std::string(__VERSION__);
+    return d;
+  });
+  mod.def("release_cpu_cache", [] { return smtc::OutputCache::get().release(); });
+  mod.def("cpu_cache_info", [] {
+    py::dict d;
+    d["kept_bytes"] = smtc::OutputCache::get().kept_bytes();
+    d["limit_bytes"] = smtc::OutputCache::limit_bytes();
     return d;
   });
 }

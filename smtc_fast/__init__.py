@@ -10,7 +10,7 @@ Layout (ops -> model -> losses -> trainer / evaluators -> CLI):
 
 Importing never fails for want of the compiled extension: every op falls back to its reference.
 """
-from smtc_fast._extension import build_info
+from smtc_fast._extension import build_info, cpu_cache_info, release_cpu_cache
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "__version__"]
+__all__ = ["build_info", "cpu_cache_info", "release_cpu_cache", "__version__"]

@@ -93,3 +93,24 @@ def build_info():
     elif not torch.cuda.is_available():
         info["why_no_cuda"] = "CUDA kernels are built, but no GPU is visible on this machine"
     return info
+
+
+def cpu_cache_info():
+    """The CPU kernels' output cache (csrc/common/alloc.h): {"kept_bytes", "limit_bytes"}.
+
+    The CPU kernels take their large outputs (>= 4 MB) from a cache of blocks freed earlier, because on
+    virtual machines the page faults of fresh memory cost more than the kernels' arithmetic. kept_bytes is what
+    the cache holds now (resident, but not in use); limit_bytes is its cap (SMTC_FAST_CPU_CACHE_MB, default
+    1024; 0 turns it off). Both are 0 without the extension.
+    """
+    if _C is None or not hasattr(_C, "cpu_cache_info"):
+        return {"kept_bytes": 0, "limit_bytes": 0}
+    return dict(_C.cpu_cache_info())
+
+
+def release_cpu_cache():
+    """Gives the blocks the CPU output cache keeps back to the OS (the CPU twin of torch.cuda.empty_cache);
+    returns the number of bytes released. Tensors in use are not affected."""
+    if _C is None or not hasattr(_C, "release_cpu_cache"):
+        return 0
+    return int(_C.release_cpu_cache())
