@@ -127,7 +127,7 @@ def run_one(op, impl, pass_, quick, device, repeats):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     # The cotangents are inputs of the backward, made once outside the timed step like the forward's inputs: on
-    # this class of VM a fresh 50 MB of ones costs ~80 ms of page faults, which would be timed for every impl.
+    # this class of VM a fresh 50 MB of ones costs ~15 ms of page faults, which would be timed for every impl.
     cotangents = None
 
     def step():
@@ -189,8 +189,9 @@ def environment(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except Exception:
         pass
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_cache_mb": smtc_fast.cpu_cache_info()["limit_bytes"] >> 20, "cpu": cpu, "commit": commit,
-           "device": device, "python": platform.python_version(), "build_info": smtc_fast.build_info()}
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu, "commit": commit,
+           "device": device, "python": platform.python_version(), "build_info": smtc_fast.build_info(),
+           "cpu_cache_mb": smtc_fast.cpu_cache_info()["limit_bytes"] >> 20}
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env

@@ -18,8 +18,8 @@ namespace smtc {
 //
 // Why: on this class of machine (a KVM guest) the first touch of fresh memory costs more than the kernels'
 // arithmetic. A fresh 50 MB d_values takes ~17 ms of 4 KB page faults (~6 ms with transparent huge pages), while
-// writing into memory that is already mapped takes ~1.7 ms (performance_anchors.md §6 has the same effect for
-// Sinkhorn's 100 MB plan). glibc hands every block above its mmap threshold (at most 32 MB by default) back to the
+// writing into memory that is already mapped takes ~1.7 ms (performance_anchors.md §6 measured the same effect on
+// the references' 100 MB temporaries). glibc hands every block above its mmap threshold (at most 32 MB by default) back to the
 // OS on free, so a training loop pays those faults again at every step for the same shapes.
 //
 // Freed output blocks are kept, keyed by their size rounded up to 2 MB, and handed out again for the same size.
