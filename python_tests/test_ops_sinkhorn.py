@@ -97,6 +97,30 @@ def test_matches_official_float32_at_smtc_settings(device):
     torch.testing.assert_close(plan, official, rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tol", [None, 1e-3])
+def test_scaling_form_and_log_domain_fallback_in_one_batch(dtype, tol):
+    """The CPU kernel solves a problem in the scaling form while its scalings stay bounded and reruns it in the
+    log domain otherwise (sinkhorn_cpu.cpp); a batch mixing both, with forbidden (+inf) pairs and zero-mass
+    rows, must still equal the reference problem by problem."""
+    cost, mu, nu = smtc_inputs(6, 40, 30, dtype=dtype)
+    cost = cost.clone()
+    cost[1] *= 1e3 if dtype == torch.float64 else 40  # exp(-cost/eps) underflows: the log domain must take over
+    cost[2, :20, :5] = math.inf                        # forbidden pairs
+    lmu = mu.log()
+    lmu[3, 7] = -math.inf                              # rows with no mass
+    lmu[4, :3] = -math.inf
+    out = sinkhorn(cost, lmu, nu.log(), eps=0.05, iters=20, tol=tol, return_potentials=True)
+    ref = sinkhorn_reference(cost, lmu, nu.log(), eps=0.05, iters=20, tol=tol, return_potentials=True)
+    assert torch.isfinite(out[0]).all()
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close_to_reference(out[0], ref[0], atol=atol)
+    scale = cost[cost.isfinite()].abs().max().item()  # potentials carry the cost's units (and its rounding)
+    for o, r in zip(out[1:], ref[1:]):
+        assert_close_to_reference(o, r, atol=atol * scale)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_uniform_default_and_zero_mass(device):
     cost = torch.rand(2, 6, 5, device=device)

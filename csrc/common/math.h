@@ -25,11 +25,9 @@ template <typename T> using acc_t = typename acc_type<T>::type;
 // GCC vectorises inside `#pragma omp simd` loops, unlike std::exp. Arguments below -87.3 give exactly 0 (the
 // exact result is < 1.2e-38, under float's normal range), so masked entries (-inf) stay exactly zero.
 // Device: the hardware exp. Double: std::exp on both (the float64 path exists for gradcheck, not speed).
-SMTC_HD float fast_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+#if !defined(__CUDA_ARCH__)
+// exp(xc) for xc in [-87.3, 88.3].
+inline float exp_polynomial(float xc) {
   const float t = xc * 1.44269504088896341f;               // x / ln 2, in [-126, 127.4]
   const int k = static_cast<int>(t + 128.5f) - 128;        // round to nearest (truncation of a positive)
   const float kf = static_cast<float>(k);
@@ -44,11 +42,33 @@ SMTC_HD float fast_exp(float x) {
   int bits = (k + 127) << 23;                               // 2^k as a float
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
+  return p * scale;
+}
+#endif
+
+SMTC_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float y = exp_polynomial(x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x));
   return x < -87.3f ? 0.0f : y;
 #endif
 }
 SMTC_HD double fast_exp(double x) { return exp(x); }
+
+// fast_exp for arguments that cannot overflow (x <= 88.3; in practice x - max(x) <= 0 inside a log-sum-exp
+// or a softmax): the same result, bit for bit, without the upper clamp. Vectorised, GCC then folds the lower
+// clamp into the final zeroing mask: ~22 instead of ~32 AVX-512 instructions per 16 lanes, and Sinkhorn's
+// first pass, whose cost is this exp, runs ~30% faster. Larger arguments give garbage.
+SMTC_HD float fast_exp_nonpositive(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float y = exp_polynomial(x < -87.3f ? -87.3f : x);  // the clamp keeps the int conversion defined
+  return x < -87.3f ? 0.0f : y;
+#endif
+}
+SMTC_HD double fast_exp_nonpositive(double x) { return exp(x); }
 
 SMTC_HD float smtc_log(float x) { return logf(x); }
 SMTC_HD double smtc_log(double x) { return log(x); }

@@ -41,7 +41,7 @@ SMTC_ALWAYS_INLINE void column_softmax_impl(const T* L, int64_t P, int64_t N, T*
     T* e = E + q * N;
     SMTC_SIMD
     for (int64_t n = 0; n < N; ++n) {
-      e[n] = fast_exp(l[n] - colmax[n]);
+      e[n] = fast_exp_nonpositive(l[n] - colmax[n]);
       colinv[n] += e[n];
     }
   }

@@ -28,6 +28,11 @@ static void test_fast_exp() {
   }
   EXPECT(worst < 5e-7, "fast_exp max relative error %g", worst);
   EXPECT(smtc::fast_exp(-INFINITY) == 0.0f, "fast_exp(-inf) must be exactly 0");
+  int differ = 0;
+  for (float x = -100.0f; x <= 0.0f; x += 0.00731f) differ += smtc::fast_exp_nonpositive(x) != smtc::fast_exp(x);
+  EXPECT(differ == 0, "fast_exp_nonpositive differs from fast_exp at %d points of [-100, 0]", differ);
+  EXPECT(smtc::fast_exp_nonpositive(-INFINITY) == 0.0f, "fast_exp_nonpositive(-inf) must be exactly 0");
+  EXPECT(std::isnan(smtc::fast_exp_nonpositive(NAN)), "fast_exp_nonpositive(nan) must be nan");
   float mx = -INFINITY, s = 0;
   double direct = 0;
   for (int i = 0; i < 50; ++i) {
