@@ -113,6 +113,9 @@ def peak_rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+MIN_SECONDS = 1.0
+
+
 def run_one(op, impl, pass_, quick, device, repeats):
     """Measured in this (fresh) process: median time and peak memory above the inputs."""
     import torch
@@ -156,8 +159,11 @@ def run_one(op, impl, pass_, quick, device, repeats):
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak_mb = (peak_rss() - base) / 2**20
+    # At least `repeats` steps and at least MIN_SECONDS of them: a 15 ms kernel gets ~70 samples, so that a burst
+    # of noise from the VM's neighbours moves its median less; a one-second reference keeps `repeats`.
     times = []
-    for _ in range(repeats):
+    started = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - started < MIN_SECONDS:
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -170,6 +176,7 @@ def run_one(op, impl, pass_, quick, device, repeats):
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     return {"op": op, "impl": impl, "pass": pass_, "shape": shape, "median_ms": statistics.median(times),
+            "samples": len(times),
             "peak_mb": round(peak_mb, 1), "device": device}
 
 

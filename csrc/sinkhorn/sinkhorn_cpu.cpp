@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/alloc.h"
@@ -210,6 +212,28 @@ template <typename T> SMTC_ALWAYS_INLINE bool column_scaling_impl(const T* colsu
   return bad == 0;
 }
 
+// out_i = offset_i + eps * log(scaling_i), -inf where the scaling is 0 (f from u with offset = base, g from v).
+// Vectorised log where the scaling is a normal float, the library log for the rest.
+inline float log_or_one(float x, bool normal) { return fast_log_normal(normal ? x : 1.0f); }
+inline double log_or_one(double x, bool) { return smtc_log(x); }
+template <typename T>
+SMTC_ALWAYS_INLINE void potentials_impl(const T* scaling, const T* offset, T eps, int64_t n, T* out) {
+  int64_t odd = 0;
+  SMTC_SIMD_SUM(odd)
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = scaling[i];
+    const bool normal = x >= std::numeric_limits<T>::min() && x <= std::numeric_limits<T>::max();
+    out[i] = (offset ? offset[i] : T(0)) + eps * log_or_one(x, normal);
+    odd += !normal;
+  }
+  if (odd == 0 || std::is_same<T, double>::value) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = scaling[i];
+    if (x >= std::numeric_limits<T>::min() && x <= std::numeric_limits<T>::max()) continue;
+    out[i] = x == T(0) ? neg_inf<T>() : (offset ? offset[i] : T(0)) + eps * smtc_log(x);
+  }
+}
+
 template <typename T>
 SMTC_ALWAYS_INLINE void scale_plan_impl(const T* u, const T* v, int64_t N, int64_t M, T* K) {
   for (int64_t n = 0; n < N; ++n) {
@@ -311,6 +335,9 @@ SMTC_ALWAYS_INLINE void backward_f_impl(const T* C, const T* f, const T* g_prev,
   SMTC_CPU_CLONES bool column_scaling(const T* cs, const T* nu, int64_t M, T* v) {                            \
     return column_scaling_impl<T>(cs, nu, M, v);                                                             \
   }                                                                                                          \
+  SMTC_CPU_CLONES void potentials(const T* x, const T* off, T eps, int64_t n, T* out) {                        \
+    potentials_impl<T>(x, off, eps, n, out);                                                                 \
+  }                                                                                                          \
   SMTC_CPU_CLONES void scale_plan(const T* u, const T* v, int64_t N, int64_t M, T* K) {                       \
     scale_plan_impl<T>(u, v, N, M, K);                                                                       \
   }                                                                                                          \
@@ -373,8 +400,8 @@ bool scaling_solve(const T* C, const T* lm, const T* ln, T eps, int64_t iters, d
     if (!column_scaling(colsum, nu, M, v)) return false;
   }
   scale_plan(u, v, N, M, P);
-  for (int64_t n = 0; n < N; ++n) f[n] = u[n] == T(0) ? neg_inf<T>() : f[n] + eps * smtc_log(u[n]);
-  for (int64_t m = 0; m < M; ++m) g[m] = v[m] == T(0) ? neg_inf<T>() : eps * smtc_log(v[m]);
+  potentials(u, f, eps, N, f);  // f = base + eps log u
+  potentials(v, static_cast<const T*>(nullptr), eps, M, g);
   return true;
 }
 

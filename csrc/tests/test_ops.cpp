@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -33,6 +34,15 @@ static void test_fast_exp() {
   EXPECT(differ == 0, "fast_exp_nonpositive differs from fast_exp at %d points of [-100, 0]", differ);
   EXPECT(smtc::fast_exp_nonpositive(-INFINITY) == 0.0f, "fast_exp_nonpositive(-inf) must be exactly 0");
   EXPECT(std::isnan(smtc::fast_exp_nonpositive(NAN)), "fast_exp_nonpositive(nan) must be nan");
+  // fast_log_normal: error relative to max(|log x|, 1), over the normal range and densely around 1.
+  double worst_log = 0;
+  auto log_err = [](float x) {
+    const double ref = std::log(double(x));
+    return std::abs(smtc::fast_log_normal(x) - ref) / std::max(1.0, std::abs(ref));
+  };
+  for (float x = 1.2e-38f; x < 3e38f; x *= 1.0137f) worst_log = std::max(worst_log, log_err(x));
+  for (float x = 0.5f; x < 2.0f; x += 1.3e-4f) worst_log = std::max(worst_log, log_err(x));
+  EXPECT(worst_log < 2e-7, "fast_log_normal max error %g", worst_log);
   float mx = -INFINITY, s = 0;
   double direct = 0;
   for (int i = 0; i < 50; ++i) {
