@@ -176,8 +176,7 @@ def run_one(op, impl, pass_, quick, device, repeats):
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     return {"op": op, "impl": impl, "pass": pass_, "shape": shape, "median_ms": statistics.median(times),
-            "samples": len(times),
-            "peak_mb": round(peak_mb, 1), "device": device}
+            "samples": len(times), "peak_mb": round(peak_mb, 1), "device": device}
 
 
 def environment(device):
