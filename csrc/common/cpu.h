@@ -56,8 +56,8 @@ inline void advise_huge_pages(void* ptr, size_t bytes) {
 
 // Per-thread scratch vectors of the hot loops, 64-byte aligned, with every sub-array starting on a 64-byte
 // boundary (offsets rounded by padded()). A loop such as `colsum[m] += u_n * K[n, m]` loads and stores its
-// accumulator every row; from std::vector's 16-byte-aligned storage every 64-byte AVX-512 access straddles two
-// cache lines, which cost the Sinkhorn forward ~20% on the dev box (2.5 ms of 13, bench_ops shapes).
+// accumulator for every row; from std::vector's 16-byte-aligned storage each 64-byte AVX-512 access would
+// straddle two cache lines.
 template <typename T> struct CacheLineAllocator {
   using value_type = T;
   static constexpr std::align_val_t kAlign{64};
