@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <utility>
 #include <atomic>
-#include <thread>
 #include <cstring>
 #include <vector>
 

@@ -101,18 +101,12 @@ if _extension.extension_loaded():
         # tensor of attn's size (8 MB per stage-2 call, allocated and zero-filled for nothing).
         ctx.set_materialize_grads(False)
 
-    # An extension built before grad_attn became optional (a stale editable build) still gets a zero tensor.
-    _GRAD_ATTN_OPTIONAL = isinstance(torch.ops.smtc_fast._slot_aggregate_backward.default._schema.arguments[1].type,
-                                     torch.OptionalType)
-
     def _backward(ctx, grad_updates, grad_attn):
         logits, values, mask, attn = ctx.saved_tensors
         if grad_updates is None:
             grad_updates = torch.zeros((*attn.shape[:3], values.shape[2]), dtype=attn.dtype, device=attn.device)
         if grad_attn is not None:
             grad_attn = grad_attn.contiguous()
-        elif not _GRAD_ATTN_OPTIONAL:
-            grad_attn = torch.zeros_like(attn)
         # grad_attn None (only the updates are used, as in SMTC): the kernel skips that term, no zero tensor
         grad_logits, grad_values = torch.ops.smtc_fast._slot_aggregate_backward(
             grad_updates.contiguous(), grad_attn, logits, values, mask, attn, ctx.eps)
