@@ -121,6 +121,27 @@ def test_scaling_form_and_log_domain_fallback_in_one_batch(dtype, tol):
         assert_close_to_reference(o, r, atol=atol * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_redone_with_their_minimum(dtype):
+    """The CPU kernel's first pass takes E = exp(-C/eps) for a row whose costs are >= 0 and whose sum and scaling
+    stay bounded, and redoes any other row shifted by its minimum cost (sinkhorn_cpu.cpp, first_pass_impl).
+    Rows of both kinds in one problem, and problems of each kind, must equal the reference."""
+    cost, mu, nu = smtc_inputs(4, 37, 30, dtype=dtype)  # M = 30: the vector loop's remainder runs too
+    cost = cost.clone()
+    cost[0, :5] -= 3.0    # negative costs: exp(-C/eps) would overflow
+    cost[1, 2:4] += 20.0  # rows far from every column: exp(-C/eps) underflows, or u_n = mu_n / sum is huge
+    cost[2] += 20.0       # every row shifted
+    cost[3, 7] = -cost[3, 7]
+    out = sinkhorn(cost, mu.log(), nu.log(), eps=0.05, iters=3, return_potentials=True)
+    ref = sinkhorn_reference(cost, mu.log(), nu.log(), eps=0.05, iters=3, return_potentials=True)
+    assert torch.isfinite(out[0]).all()
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close_to_reference(out[0], ref[0], atol=atol)
+    scale = cost.abs().max().item()
+    for o, r in zip(out[1:], ref[1:]):
+        assert_close_to_reference(o, r, atol=atol * scale)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_uniform_default_and_zero_mass(device):
     cost = torch.rand(2, 6, 5, device=device)

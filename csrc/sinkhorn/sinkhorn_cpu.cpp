@@ -2,11 +2,14 @@
 // matrix (256 x 256 fp32 = 256 KB at SMTC's size) stays in the core's L2 for all iterations instead of
 // streaming (B, N, M) temporaries through DRAM as the PyTorch reference does (performance_anchors.md §6).
 //
-// Forward cost model at SMTC's shapes (384 problems, 2 threads, the dev VM): the first pass (read C, write E
-// into the plan's buffer) is DRAM-bound at ~6.5 ms per thread; each later iteration is one L2 pass of
-// multiply-adds (~1.2 ms for all problems); the rest is the final scaling pass. Tried and measured slower on this
-// VM: E in an L2 scratch with non-temporal stores of the plan (also pipelined into the next problem's first
-// pass), software prefetch of the next rows, clzero of the plan's lines.
+// Forward cost model at SMTC's shapes (384 problems of 256 x 256, 2 threads, the dev VM; rdtsc cycles per
+// problem): with the data in L2, the first pass (read C, write E into the plan's buffer) takes ~72k, the two
+// later iterations (one L2 pass of multiply-adds each) ~32k, the final scaling ~10k. Streaming from DRAM with
+// both threads adds ~45k of waiting to the first pass, ~20k once the next problem's costs are prefetched into
+// L2 during the current problem's L2-bound passes. Tried and measured slower on this VM: E in an L2 scratch
+// with non-temporal stores of the plan (also pipelined into the next problem's first pass), software prefetch
+// of the next rows inside the first pass, prefetching the next plan's lines for writing, clzero of the plan's
+// lines.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -122,6 +125,20 @@ template <typename T> SMTC_ALWAYS_INLINE void weights_impl(const T* log_w, int64
 // split in two passes (measured at 256 x 256).
 constexpr int64_t kRows = 4;
 
+// Brings the next problem's costs into L2, a slice per call, while this problem's L2-bound passes run, so that
+// its first pass reads them from L2 instead of waiting on DRAM (~10% of the forward at SMTC's shapes, measured
+// side by side; prefetching 4-16 rows ahead inside the first pass itself was slower, as was also prefetching
+// the next plan's lines for writing).
+struct NextProblemPrefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t lines = 0;  // cache lines per call
+
+  SMTC_ALWAYS_INLINE void next() {
+    for (int64_t i = 0; i < lines && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 1);
+  }
+};
+
 // Row pointers of the block starting at n0; past the last row they repeat it (and get a zero coefficient).
 template <typename T> SMTC_ALWAYS_INLINE void block_rows(const T* E, int64_t n0, int64_t N, int64_t M, const T** r) {
   for (int64_t k = 0; k < kRows; ++k) r[k] = E + std::min(n0 + k, N - 1) * M;
@@ -135,32 +152,52 @@ template <typename T> SMTC_ALWAYS_INLINE void add_scaled_rows(const T* const* r,
   for (int64_t m = 0; m < M; ++m) colsum[m] += a0 * r0[m] + a1 * r1[m] + a2 * r2[m] + a3 * r3[m];
 }
 
-// Iteration 1 (g = 0), row by row: E_n = exp((base_n - C_n)/eps) with base_n = min_m C_nm (each row's largest
-// entry is exactly 1, so its sum is >= 1), u_n = mu_n / sum_m E_nm (the f update), colsum += u_n E_n (the g
-// update's sum). Returns false on a row with no finite minimum or a NaN.
+// Iteration 1 (g = 0), row by row, in one pass over C: E_n = exp((base_n - C_n)/eps), u_n = mu_n / sum_m E_nm
+// (the f update), colsum += u_n E_n (the g update's sum). base_n = 0 for a row whose costs are >= 0 and whose
+// sum and u_n stay inside the scaling bounds (E is then the probability-domain kernel itself, as in spec §2.1);
+// any other row is redone with base_n = min_m C_nm, so that its largest entry is exactly 1 and its sum >= 1.
+// Not taking the row minimum first saves a pass over the row and the wait on its reduction: ~15% of this
+// pass at SMTC's shapes (rdtsc-timed with the data in L2). The clamp of negative costs to 0 only keeps the exp's
+// argument <= 0 (so that its int conversion is defined); such rows are redone. Returns false on a row with no
+// finite minimum or a NaN.
 template <typename T>
 SMTC_ALWAYS_INLINE bool first_pass_impl(const T* C, const T* mu, T eps, int64_t N, int64_t M, T* E, T* base, T* u,
                                         T* colsum) {
   const T inv_eps = T(1) / eps;
+  const T neg_inv_eps = -inv_eps;
   std::fill(colsum, colsum + M, T(0));
   for (int64_t n0 = 0; n0 < N; n0 += kRows) {
     T a[kRows] = {};
     for (int64_t n = n0; n < std::min(n0 + kRows, N); ++n) {
       const T* row = C + n * M;
       T* e = E + n * M;
-      T mx = neg_inf<T>();
-      SMTC_SIMD_MAX(mx)
-      for (int64_t m = 0; m < M; ++m) mx = vmax(mx, -row[m]);
-      if (mx == neg_inf<T>()) return false;
+      T mn = std::numeric_limits<T>::infinity();
       T s = T(0);
-      SMTC_SIMD_SUM(s)
+      SMTC_SIMD_SUM_MIN(s, mn)
       for (int64_t m = 0; m < M; ++m) {
-        e[m] = fast_exp_nonpositive((-row[m] - mx) * inv_eps);
+        const T c = row[m];
+        mn = c < mn ? c : mn;
+        e[m] = fast_exp_nonpositive((c < T(0) ? T(0) : c) * neg_inv_eps);
         s += e[m];
       }
-      if (!(s >= T(1))) return false;
-      base[n] = -mx;
-      a[n - n0] = u[n] = mu[n] / s;
+      T un = mu[n] / s;
+      base[n] = T(0);
+      if (!(mn >= T(0) && s >= ScalingBounds<T>::kTiny && un <= ScalingBounds<T>::kHuge)) {
+        T mx = neg_inf<T>();
+        SMTC_SIMD_MAX(mx)
+        for (int64_t m = 0; m < M; ++m) mx = vmax(mx, -row[m]);
+        if (mx == neg_inf<T>()) return false;
+        s = T(0);
+        SMTC_SIMD_SUM(s)
+        for (int64_t m = 0; m < M; ++m) {
+          e[m] = fast_exp_nonpositive((-row[m] - mx) * inv_eps);
+          s += e[m];
+        }
+        if (!(s >= T(1))) return false;
+        base[n] = -mx;
+        un = mu[n] / s;
+      }
+      a[n - n0] = u[n] = un;
     }
     const T* r[kRows];
     block_rows(static_cast<const T*>(E), n0, N, M, r);
@@ -173,10 +210,12 @@ SMTC_ALWAYS_INLINE bool first_pass_impl(const T* C, const T* mu, T eps, int64_t 
 // E_n . v is also the row marginal of the current plan u E v, so *err gets its L1 error (for tol).
 template <typename T>
 SMTC_ALWAYS_INLINE bool iteration_pass_impl(const T* E, const T* mu, const T* u, const T* v, int64_t N, int64_t M,
-                                            T* u_next, T* colsum, double* err) {
+                                            T* u_next, T* colsum, double* err,
+                                            NextProblemPrefetch* prefetch) {
   std::fill(colsum, colsum + M, T(0));
   double e_acc = 0;
   for (int64_t n0 = 0; n0 < N; n0 += kRows) {
+    prefetch->next();
     const T* r[kRows];
     block_rows(E, n0, N, M, r);
     const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
@@ -241,8 +280,10 @@ SMTC_ALWAYS_INLINE void potentials_impl(const T* scaling, const T* offset, T eps
 }
 
 template <typename T>
-SMTC_ALWAYS_INLINE void scale_plan_impl(const T* u, const T* v, int64_t N, int64_t M, T* K) {
+SMTC_ALWAYS_INLINE void scale_plan_impl(const T* u, const T* v, int64_t N, int64_t M, T* K,
+                                      NextProblemPrefetch* prefetch) {
   for (int64_t n = 0; n < N; ++n) {
+    if (n % kRows == 0) prefetch->next();
     T* row = K + n * M;
     const T un = u[n];
     SMTC_SIMD
@@ -335,8 +376,8 @@ SMTC_ALWAYS_INLINE void backward_f_impl(const T* C, const T* f, const T* g_prev,
     return first_pass_impl<T>(C, mu, eps, N, M, E, base, u, cs);                                             \
   }                                                                                                          \
   SMTC_CPU_CLONES bool iteration_pass(const T* E, const T* mu, const T* u, const T* v, int64_t N, int64_t M,   \
-                                      T* un, T* cs, double* err) {                                           \
-    return iteration_pass_impl<T>(E, mu, u, v, N, M, un, cs, err);                                           \
+                                      T* un, T* cs, double* err, NextProblemPrefetch* pf) {                  \
+    return iteration_pass_impl<T>(E, mu, u, v, N, M, un, cs, err, pf);                                           \
   }                                                                                                          \
   SMTC_CPU_CLONES bool column_scaling(const T* cs, const T* nu, int64_t M, T* v) {                            \
     return column_scaling_impl<T>(cs, nu, M, v);                                                             \
@@ -344,8 +385,8 @@ SMTC_ALWAYS_INLINE void backward_f_impl(const T* C, const T* f, const T* g_prev,
   SMTC_CPU_CLONES void potentials(const T* x, const T* off, T eps, int64_t n, T* out) {                        \
     potentials_impl<T>(x, off, eps, n, out);                                                                 \
   }                                                                                                          \
-  SMTC_CPU_CLONES void scale_plan(const T* u, const T* v, int64_t N, int64_t M, T* K) {                       \
-    scale_plan_impl<T>(u, v, N, M, K);                                                                       \
+  SMTC_CPU_CLONES void scale_plan(const T* u, const T* v, int64_t N, int64_t M, T* K, NextProblemPrefetch* pf) { \
+    scale_plan_impl<T>(u, v, N, M, K, pf);                                                                       \
   }                                                                                                          \
   SMTC_CPU_CLONES void backward_plan(const T* C, const T* f, const T* g, const T* gP, T eps, int64_t N,        \
                                      int64_t M, T* gC, T* gf, T* gg) {                                       \
@@ -393,19 +434,27 @@ int64_t solve_one(const T* C, const T* lm, const T* ln, T eps, int64_t iters, do
 // pass's (u', colsum') are dropped and the plan is the one after the previous iteration, as in the reference.
 template <typename T>
 bool scaling_solve(const T* C, const T* lm, const T* ln, T eps, int64_t iters, double tol, int64_t N, int64_t M,
-                   T* f, T* g, T* P, T* mu, T* nu, T* u, T* u_next, T* v, T* colsum) {
+                   T* f, T* g, T* P, T* mu, T* nu, T* u, T* u_next, T* v, T* colsum, const T* C_next) {
+  // C_next's lines spread over the (iters - 1) iteration passes and the scaling pass, one slice per 4 rows.
+  NextProblemPrefetch prefetch;
+  if (C_next != nullptr) {
+    prefetch.p = reinterpret_cast<const char*>(C_next);
+    prefetch.end = prefetch.p + N * M * int64_t(sizeof(T));
+    const int64_t calls = iters * ((N + kRows - 1) / kRows);
+    prefetch.lines = ((prefetch.end - prefetch.p + 63) / 64 + calls - 1) / calls;
+  }
   weights(lm, N, mu);
   weights(ln, M, nu);
   if (!first_pass(C, mu, eps, N, M, P, f, u, colsum)) return false;  // P = E, f = base
   if (!column_scaling(colsum, nu, M, v)) return false;
   for (int64_t t = 2; t <= iters; ++t) {
     double err = 0;
-    if (!iteration_pass(P, mu, u, v, N, M, u_next, colsum, &err)) return false;
+    if (!iteration_pass(P, mu, u, v, N, M, u_next, colsum, &err, &prefetch)) return false;
     if (tol >= 0 && err < tol) break;
     std::swap(u, u_next);
     if (!column_scaling(colsum, nu, M, v)) return false;
   }
-  scale_plan(u, v, N, M, P);
+  scale_plan(u, v, N, M, P, &prefetch);
   potentials(u, f, eps, N, f);  // f = base + eps log u
   potentials(v, static_cast<const T*>(nullptr), eps, M, g);
   return true;
@@ -453,9 +502,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& co
         const scalar_t* Cb = C + b * N * M;
         // The scaling form when it is safe (iterations cost a mat-vec instead of a pass of exps), else the
         // log domain; both compute the same map (see above).
-        if (iters > 0 &&
-            scaling_solve<scalar_t>(Cb, LM + b * N, LN + b * M, e, iters, tol_v, N, M, f, g, Pb, mu, nu, u, u_next, v,
-                                                 colsum)) {
+        const scalar_t* C_next = b + 1 < end ? Cb + N * M : nullptr;
+        if (iters > 0 && scaling_solve<scalar_t>(Cb, LM + b * N, LN + b * M, e, iters, tol_v, N, M, f, g, Pb, mu, nu,
+                                                 u, u_next, v, colsum, C_next)) {
           continue;
         }
         solve_one<scalar_t>(Cb, LM + b * N, LN + b * M, e, iters, tol_v, N, M, f, g, false, colsum, v);
