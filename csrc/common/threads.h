@@ -1,8 +1,10 @@
-// run_on_threads: the one thread runner of the CPU kernels (propagate, slot_aggregate).
+// run_on_threads: the one thread runner of the CPU kernels; for_chunks: the dynamic schedule on top of it.
 #pragma once
 
 #include <ATen/Parallel.h>  // at::parallel_for, at::in_parallel_region
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -31,6 +33,18 @@ void run_on_threads(int64_t n, const F& fn) {
   fn(0);
   for (auto& t : threads) t.join();
 #endif
+}
+
+// fn(begin, end) over [0, n) in chunks of `chunk` items that the threads take from a shared counter. A dynamic
+// schedule: a thread whose core another process is using (common on the shared machines we measure on) leaves
+// its remaining chunks to the others instead of holding the whole op up, which a static split would.
+template <typename F>
+void for_chunks(int64_t n, int64_t chunk, const F& fn) {
+  const int64_t n_tasks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  run_on_threads(std::min<int64_t>(n_tasks, at::get_num_threads()), [&](int64_t) {
+    for (int64_t t; (t = next.fetch_add(1)) < n_tasks;) fn(t * chunk, std::min(n, (t + 1) * chunk));
+  });
 }
 
 }  // namespace smtc

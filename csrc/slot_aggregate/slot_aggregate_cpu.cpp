@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -451,17 +450,9 @@ template <typename T> int64_t mask_tokens(const T* mask, int64_t N, int32_t* idx
   return K;
 }
 
-// fn(b0, b1) over chunks of kFramesPerTask frames taken from a shared counter: the dynamic schedule does not wait
-// for a core that another process is using, and a thread's consecutive frames within a chunk let it prefetch the
-// next frame's values while it computes the current one.
+// Frames per task of the dynamic schedule (for_chunks): a thread's consecutive frames within a chunk let it
+// prefetch the next frame's values while it computes the current one.
 constexpr int64_t kFramesPerTask = 8;
-template <typename F> void for_frame_chunks(int64_t B, const F& fn) {
-  const int64_t n_tasks = (B + kFramesPerTask - 1) / kFramesPerTask;
-  std::atomic<int64_t> next{0};
-  run_on_threads(std::min<int64_t>(n_tasks, at::get_num_threads()), [&](int64_t) {
-    for (int64_t t; (t = next.fetch_add(1)) < n_tasks;) fn(t * kFramesPerTask, std::min(B, (t + 1) * kFramesPerTask));
-  });
-}
 
 std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_in, const at::Tensor& values_in,
                                                       const c10::optional<at::Tensor>& mask_in, double eps) {
@@ -485,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
     // One (frame, group) tile per step: the attention (P x N), then updates_g = attn_g[:, idx] @ values[idx] over
     // the group's masked tokens (all N without a mask) while the tile is still in L1. A thread walks the groups of
     // a frame, so the frame's values stay in L2, and prefetches the next frame's meanwhile.
-    for_frame_chunks(B, [&](int64_t b0, int64_t b1) {
+    for_chunks(B, kFramesPerTask, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> scratch(2 * N + 4 * N);  // column max, 1 / column sum, packed weights (4 x N)
       std::vector<int32_t> idx(N + kPrefetchTokens);
       for (int64_t bg = b0 * G; bg < b1 * G; ++bg) {
@@ -535,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cpu(const at::Tensor&
     // (the masked attention and its gradient are exactly zero elsewhere):
     //   d_attn[:, idx] = grad_attn + d_updates_g @ values[idx]^T, then the attention backward on the tile,
     //   d_values[idx] += attn_g[:, idx]^T @ d_updates_g.
-    for_frame_chunks(B, [&](int64_t b0, int64_t b1) {
+    for_chunks(B, kFramesPerTask, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> scratch(3 * N + P * N);  // column max, 1 / column sum, column dot, softmax (P x N)
       std::vector<int32_t> idx(N + kPrefetchTokens);
       for (int64_t b = b0; b < b1; ++b) {
