@@ -5,11 +5,11 @@
 // Forward cost model at SMTC's shapes (384 problems of 256 x 256, 2 threads, the dev VM; rdtsc cycles per
 // problem): with the data in L2, the first pass (read C, write E into the plan's buffer) takes ~72k, the two
 // later iterations (one L2 pass of multiply-adds each) ~32k, the final scaling ~10k. Streaming from DRAM with
-// both threads adds ~45k of waiting to the first pass, ~20k once the next problem's costs are prefetched into
-// L2 during the current problem's L2-bound passes. Tried and measured slower on this VM: E in an L2 scratch
-// with non-temporal stores of the plan (also pipelined into the next problem's first pass), software prefetch
-// of the next rows inside the first pass, prefetching the next plan's lines for writing, clzero of the plan's
-// lines.
+// both threads adds ~45k of waiting to the first pass; prefetching the next problem's costs into L2 during the
+// current problem's L2-bound passes halves it but slows those passes by ~15-20k (5-10% net). Tried and
+// measured slower on this VM: E in an L2 scratch with non-temporal stores of the plan (also pipelined into the
+// next problem's first pass), software prefetch of rows ahead inside the first pass, prefetching plan lines for
+// writing, clzero of the plan's lines.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -126,9 +126,9 @@ template <typename T> SMTC_ALWAYS_INLINE void weights_impl(const T* log_w, int64
 constexpr int64_t kRows = 4;
 
 // Brings the next problem's costs into L2, a slice per call, while this problem's L2-bound passes run, so that
-// its first pass reads them from L2 instead of waiting on DRAM (~10% of the forward at SMTC's shapes, measured
-// side by side; prefetching 4-16 rows ahead inside the first pass itself was slower, as was also prefetching
-// the next plan's lines for writing).
+// its first pass reads them from L2 instead of waiting on DRAM (5-10% of the forward at SMTC's shapes, measured
+// side by side; prefetching 4-16 rows ahead inside the first pass itself was slower, as was prefetching plan
+// lines for writing, the next problem's or the current one's rows ahead).
 struct NextProblemPrefetch {
   const char* p = nullptr;
   const char* end = nullptr;
