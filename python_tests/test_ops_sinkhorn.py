@@ -131,7 +131,7 @@ def test_rows_redone_with_their_minimum(dtype):
     cost[0, :5] -= 3.0    # negative costs: exp(-C/eps) would overflow
     cost[1, 2:4] += 20.0  # rows far from every column: exp(-C/eps) underflows, or u_n = mu_n / sum is huge
     cost[2] += 20.0       # every row shifted
-    cost[3, 7] = -cost[3, 7]
+    cost[3, 7] = -cost[3, 7]  # one row of negative costs in an otherwise ordinary problem
     out = sinkhorn(cost, mu.log(), nu.log(), eps=0.05, iters=3, return_potentials=True)
     ref = sinkhorn_reference(cost, mu.log(), nu.log(), eps=0.05, iters=3, return_potentials=True)
     assert torch.isfinite(out[0]).all()
