@@ -60,4 +60,4 @@ clean:
 ctest: $(DEPS)
 	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja $$($(PY) csrc/tests/cmake_args.py) > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
 	$(VENV)/bin/cmake --build build-cmake -j $${MAX_JOBS:-2}
-	cd build-cmake && LD_LIBRARY_PATH=$$($(PY) -c "import glob, os, nvidia; print(':'.join(glob.glob(os.path.join(os.path.dirname(nvidia.__path__[0]), 'nvidia', 'cu[0-9]*', 'lib'))))"):$$LD_LIBRARY_PATH ../$(VENV)/bin/ctest --output-on-failure
+	cd build-cmake && LD_LIBRARY_PATH=$$($(abspath $(PY)) -c "import glob, os, nvidia; print(':'.join(glob.glob(os.path.join(os.path.dirname(nvidia.__path__[0]), 'nvidia', 'cu[0-9]*', 'lib'))))"):$$LD_LIBRARY_PATH ../$(VENV)/bin/ctest --output-on-failure

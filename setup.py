@@ -82,7 +82,9 @@ def _extensions():
     nvcc += ["--expt-relaxed-constexpr"]
     define_macros = [] if debug else [("NDEBUG", None)]
 
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # csrc/tests/ is the ctest program (CMakeLists.txt), not part of the extension.
+    sources = sorted(s for s in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+                     if not s.startswith(os.path.join("csrc", "tests", "")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     cuda_only_cpp = [s for s in sources if s.endswith("_cuda_ops.cpp")]  # torch-facing CUDA wrappers
 
