@@ -34,6 +34,21 @@ static void test_fast_exp() {
   EXPECT(differ == 0, "fast_exp_nonpositive differs from fast_exp at %d points of [-100, 0]", differ);
   EXPECT(smtc::fast_exp_nonpositive(-INFINITY) == 0.0f, "fast_exp_nonpositive(-inf) must be exactly 0");
   EXPECT(std::isnan(smtc::fast_exp_nonpositive(NAN)), "fast_exp_nonpositive(nan) must be nan");
+  // fast_exp2_nonpositive: relative error over float's normal range, exact powers of two at integers (the
+  // Sinkhorn kernel's largest entry, at a zero cost, must be exactly 1), zeros below it.
+  double worst2 = 0;
+  for (float t = -126.0f; t <= 0.0f; t += 0.000913f) {
+    const double ref = std::exp2(double(t));
+    worst2 = std::max(worst2, std::abs(smtc::fast_exp2_nonpositive(t) - ref) / ref);
+  }
+  EXPECT(worst2 < 3e-7, "fast_exp2_nonpositive max relative error %g", worst2);
+  int inexact = 0;
+  for (int k = -126; k <= 0; ++k) inexact += smtc::fast_exp2_nonpositive(float(k)) != std::ldexp(1.0f, k);
+  EXPECT(inexact == 0, "fast_exp2_nonpositive inexact at %d integers", inexact);
+  EXPECT(smtc::fast_exp2_nonpositive(-0.0f) == 1.0f, "fast_exp2_nonpositive(-0) must be exactly 1");
+  EXPECT(smtc::fast_exp2_nonpositive(-126.5f) == 0.0f && smtc::fast_exp2_nonpositive(-INFINITY) == 0.0f,
+         "fast_exp2_nonpositive below -126 must be exactly 0");
+  EXPECT(std::isnan(smtc::fast_exp2_nonpositive(NAN)), "fast_exp2_nonpositive(nan) must be nan");
   // fast_log_normal: error relative to max(|log x|, 1), over the normal range and densely around 1.
   double worst_log = 0;
   auto log_err = [](float x) {
