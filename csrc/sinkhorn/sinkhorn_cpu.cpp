@@ -2,14 +2,15 @@
 // matrix (256 x 256 fp32 = 256 KB at SMTC's size) stays in the core's L2 for all iterations instead of
 // streaming (B, N, M) temporaries through DRAM as the PyTorch reference does (performance_anchors.md §6).
 //
-// Forward cost model at SMTC's shapes (384 problems of 256 x 256, 2 threads, the dev VM; rdtsc cycles per
-// problem): with the data in L2, the first pass (read C, write E into the plan's buffer) takes ~72k, the two
-// later iterations (one L2 pass of multiply-adds each) ~32k, the final scaling ~10k. Streaming from DRAM with
-// both threads adds ~45k of waiting to the first pass; prefetching the next problem's costs into L2 during the
-// current problem's L2-bound passes halves it but slows those passes by ~15-20k (5-10% net). Tried and
-// measured slower on this VM: E in an L2 scratch with non-temporal stores of the plan (also pipelined into the
-// next problem's first pass), software prefetch of rows ahead inside the first pass, prefetching plan lines for
-// writing, clzero of the plan's lines.
+// Forward cost model at SMTC's shapes (384 problems of 256 x 256, the dev VM; rdtsc cycles per problem): with
+// the data in L2 (one thread), the first pass (read C, write E into the plan's buffer) takes ~58k, the two later
+// iterations (one L2 pass of multiply-adds each) ~34k, the final scaling ~11k. Streaming from DRAM with both
+// threads they take ~93k, ~43k and ~15k: the first pass waits on the costs' reads and on the write-allocate
+// reads of the plan's lines (~30k and ~25k by themselves, one thread). Prefetching the next problem's costs
+// into L2 during the current problem's L2-bound passes roughly halves the first of these but slows those
+// passes (~6% net: paired A/B over 100 rounds, with and without it). Tried and measured slower on this VM: E
+// in an L2 scratch with non-temporal stores of the plan (also pipelined into the next problem's first pass),
+// software prefetch of rows ahead inside the first pass, prefetching plan lines for writing, clzero.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
