@@ -8,9 +8,11 @@
 // threads they take ~93k, ~43k and ~15k: the first pass waits on the costs' reads and on the write-allocate
 // reads of the plan's lines (~30k and ~25k by themselves, one thread). Prefetching the next problem's costs
 // into L2 during the current problem's L2-bound passes roughly halves the first of these but slows those
-// passes (~6% net: paired A/B over 100 rounds, with and without it). Tried and measured slower on this VM: E
-// in an L2 scratch with non-temporal stores of the plan (also pipelined into the next problem's first pass),
-// software prefetch of rows ahead inside the first pass, prefetching plan lines for writing, clzero.
+// passes (~6% net: paired A/B over 100 rounds, with and without it). Tried and measured slower, or no faster,
+// on this VM: E in an L2 scratch with non-temporal stores of the plan, also pipelined into the next problem's
+// first pass (with the base-2 exp too: it saves the plan's write-allocate reads, but paired ratios at the op
+// level were 0.98-1.01), software prefetch of rows ahead inside the first pass, prefetching plan lines for
+// writing, clzero.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
