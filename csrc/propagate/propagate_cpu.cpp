@@ -54,6 +54,9 @@ SMTC_ALWAYS_INLINE void offer(float* vals, int64_t* idx, int& count, int k, floa
 // lowers the generic vector type per clone). aligned(4): loads from any float address.
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef int v16i __attribute__((vector_size(64)));
+// GCC warns that returning a v16f by value has a different ABI without AVX-512; every function here that does
+// so is always inlined into its caller's clone, so no such call exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 // Fold two vectors that hold m accumulators' partial sums each (width w = 16 / m lanes per accumulator) into one
 // vector holding all 2m accumulators, width w / 2, in order: x's accumulators first, then y's.
