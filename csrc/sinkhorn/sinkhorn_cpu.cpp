@@ -160,10 +160,10 @@ template <typename T> SMTC_ALWAYS_INLINE void add_scaled_rows(const T* const* r,
 // sum and u_n stay inside the scaling bounds (E is then the probability-domain kernel itself, as in spec §2.1);
 // any other row is redone with base_n = min_m C_nm, so that its largest entry is exactly 1 and its sum >= 1.
 // Not taking the row minimum first saves a pass over the row and the wait on its reduction: 5-10% of this
-// pass at SMTC's shapes (rdtsc-timed with the data in L2). The exp is taken in base 2 with the 1/eps folded into
-// its argument (fast_exp2_nonpositive, common/math.h): 58k instead of 82k cycles for this pass. A negative cost
-// can push that argument past the exp's range (garbage, no UB), but such a row is redone anyway. Returns false
-// on a row with no finite minimum or a NaN.
+// pass at SMTC's shapes (rdtsc-timed with the data in L2). Both exps are taken in base 2 with the 1/eps folded
+// into their argument (fast_exp2_nonpositive, common/math.h). A negative cost can push the first one's argument
+// past the exp's range (garbage, no UB), but such a row is redone anyway. Returns false on a row with no finite
+// minimum or a NaN.
 template <typename T>
 SMTC_ALWAYS_INLINE bool first_pass_impl(const T* C, const T* mu, T eps, int64_t N, int64_t M, T* E, T* base, T* u,
                                         T* colsum) {
@@ -194,7 +194,7 @@ SMTC_ALWAYS_INLINE bool first_pass_impl(const T* C, const T* mu, T eps, int64_t 
         s = T(0);
         SMTC_SIMD_SUM(s)
         for (int64_t m = 0; m < M; ++m) {
-          e[m] = fast_exp_nonpositive((-row[m] - mx) * inv_eps);
+          e[m] = fast_exp2_nonpositive((row[m] + mx) * neg_log2e_over_eps);  // exp((min C - C)/eps)
           s += e[m];
         }
         if (!(s >= T(1))) return false;
