@@ -12,7 +12,7 @@ BUILT := $(VENV)/.stamp-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-slow test-cuda demo bench ctest clean
+.PHONY: all venv build test test-slow test-cuda test-cuda-emu test-cuda-emu-asan test-cuda-emu-tsan ptxas demo bench ctest clean
 
 all: test
 
@@ -45,6 +45,35 @@ test-slow: $(BUILT)
 test-cuda: $(BUILT)
 	$(PY) -m pytest -m cuda -q $(PYTEST_ARGS) python_tests
 
+# The CUDA kernels run on the CPU by the execution tier (csrc/common/cuda_emu.h), under two thread schedules
+# (python_tests/conftest.py EMU_SCHEDULES). `make test` runs these too.
+test-cuda-emu: $(BUILT)
+	$(PY) -m pytest -m cuda_emu -q $(PYTEST_ARGS) python_tests
+
+# The execution tier (and the whole extension) built with a sanitizer, in a copy under build-<name>/ so the regular
+# build stays as it is; the tests run with the sanitizer's runtime preloaded into Python. ASan + UBSan: out-of-bounds
+# and use-after-free in the kernels and launchers. TSan: races between blocks on global memory (the tier runs a
+# launch's blocks on 3 OS threads there, SMTC_FAST_EMU_THREADS=3). Not part of `make test`.
+SAN_COPY = rm -rf build-$(1) && mkdir -p build-$(1)/src && cp -r csrc smtc_fast python_tests setup.py pyproject.toml build-$(1)/src/ \
+	&& rm -f build-$(1)/src/smtc_fast/_C*.so && cd build-$(1)/src \
+	&& SMTC_FAST_NO_CUDA=1 SMTC_FAST_EMU_SANITIZE=$(2) MAX_JOBS=$${MAX_JOBS:-2} $(abspath $(PY)) setup.py -q build_ext --inplace > ../build.log 2>&1 || (tail -50 ../build.log; exit 1)
+test-cuda-emu-asan: $(DEPS)
+	$(call SAN_COPY,asan,address)
+	cd build-asan/src && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(abspath $(PY)) -m pytest -m cuda_emu -q -p no:cacheprovider $(PYTEST_ARGS) python_tests
+test-cuda-emu-tsan: $(DEPS)
+	$(call SAN_COPY,tsan,thread)
+	cd build-tsan/src && LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" SMTC_FAST_EMU_THREADS=3 OMP_NUM_THREADS=1 \
+		TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 \
+		$(abspath $(PY)) -m pytest -m cuda_emu -q -p no:cacheprovider $(PYTEST_ARGS) python_tests
+
+# ptxas resource use of every CUDA kernel (registers, shared memory, spills) for sm_80 and sm_90, checked against
+# csrc/tests/ptxas_budget.json: a kernel that spills or outgrows its budget fails (python_tests/test_ptxas.py runs
+# the same check in `make test` wherever nvcc is found).
+ptxas: $(DEPS)
+	$(PY) csrc/tests/ptxas_report.py
+
 demo: $(BUILT)
 	$(VENV)/bin/smtc demo
 
@@ -54,7 +83,7 @@ bench: $(BUILT)
 	$(PY) bench/bench_eval.py --json bench_out/bench_eval.json
 
 clean:
-	rm -rf build *.egg-info smtc_fast/_C*.so $(BUILT)
+	rm -rf build build-asan build-tsan *.egg-info smtc_fast/_C*.so $(BUILT)
 
 # C++ build of csrc/ against libtorch (compile_commands.json in build-cmake/) and its test under ctest.
 ctest: $(DEPS)

@@ -1,9 +1,15 @@
 // Every operator schema of smtc_fast in one place: this file is the C++ API (house style rule 1).
 // Kernels register per backend in csrc/<op>/<op>_cpu.cpp and <op>_cuda.cpp; the Python side
 // (smtc_fast/ops/) adds the fake kernels, autograd and the pure-PyTorch references.
+//
+// The same schemas are defined a second time in the namespace smtc_fast_cuda_emu when the CPU execution tier of the
+// CUDA kernels is built (SMTC_WITH_CUDA_EMU, setup.py): torch.ops.smtc_fast_cuda_emu.<op> runs the CUDA wrapper and
+// its .cu launchers on CPU tensors (common/cuda_emu.h).
 #include <torch/library.h>
 
-TORCH_LIBRARY(smtc_fast, m) {
+namespace {
+
+void define_schemas(torch::Library& m) {
   // C[b, n, m] = <a[b, n], b[b, m]>: a (B, N, D), b (B, M, D) -> (B, N, M).
   m.def("correlation(Tensor a, Tensor b) -> Tensor");
   m.def("_correlation_backward(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)");
@@ -28,3 +34,11 @@ TORCH_LIBRARY(smtc_fast, m) {
   m.def("propagate_labels(Tensor query, Tensor first_feats, Tensor first_labels, Tensor ctx_feats, "
         "Tensor ctx_labels, int[] grid, int topk, float radius, float temperature) -> Tensor");
 }
+
+}  // namespace
+
+TORCH_LIBRARY(smtc_fast, m) { define_schemas(m); }
+
+#if defined(SMTC_WITH_CUDA_EMU)
+TORCH_LIBRARY(smtc_fast_cuda_emu, m) { define_schemas(m); }
+#endif

@@ -4,9 +4,9 @@ import torch
 
 import smtc_fast
 from smtc_fast.ops import correlation, correlation_reference
-from smtc_fast.testing import assert_close_to_reference
+from smtc_fast.testing import assert_close_to_reference, assert_within_reference_error
 
-from conftest import DEVICES
+from conftest import CUDA_DEVICES, DEVICES
 
 HAS_KERNEL = smtc_fast.build_info()["cpu_kernels"]
 
@@ -34,12 +34,20 @@ def test_forward_backward_match_reference(device, dtype, shape):
     b = torch.randn(B, M, D, dtype=dtype, device=device, requires_grad=True)
     out = correlation(a, b)
     ref = correlation_reference(a, b)
-    assert_close_to_reference(out, ref)
     g = torch.randn_like(out)
     ga, gb = torch.autograd.grad(out, (a, b), g)
     ra, rb = torch.autograd.grad(ref, (a, b), g)
-    assert_close_to_reference(ga, ra)
-    assert_close_to_reference(gb, rb)
+    if dtype == torch.float64:
+        for x, r in ((out, ref), (ga, ra), (gb, rb)):
+            assert_close_to_reference(x, r)
+    else:
+        # float32: sums of up to 256 terms in another order (cuBLAS, MKL, the reference) differ by more than a
+        # fixed rtol allows; the house rule judges each against float64 (at most twice the reference's own error).
+        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        e = correlation_reference(a64, b64)
+        ea, eb = torch.autograd.grad(e, (a64, b64), g.double())
+        for x, r, ex in ((out, ref, e), (ga, ra, ea), (gb, rb, eb)):
+            assert_within_reference_error(x, r, ex)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,12 +122,10 @@ def test_cpp_op_validates_too():
         torch.ops.smtc_fast.correlation(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_low_precision_within_policy(dtype):
-    from smtc_fast.testing import assert_within_reference_error
-
-    a, b = torch.randn(4, 100, 70, device="cuda"), torch.randn(4, 90, 70, device="cuda")
+def test_cuda_low_precision_within_policy(device, dtype):
+    a, b = torch.randn(4, 100, 70, device=device), torch.randn(4, 90, 70, device=device)
     exact = correlation_reference(a.double(), b.double())
     assert_within_reference_error(correlation(a.to(dtype), b.to(dtype)),
                                   correlation_reference(a.to(dtype), b.to(dtype)), exact)

@@ -6,7 +6,7 @@ import smtc_fast
 from smtc_fast.ops import slot_aggregate, slot_aggregate_reference
 from smtc_fast.testing import assert_close_to_reference, assert_within_reference_error
 
-from conftest import DEVICES
+from conftest import CUDA_DEVICES, DEVICES
 
 HAS_KERNEL = smtc_fast.build_info()["cpu_kernels"]
 
@@ -177,15 +177,26 @@ def test_bad_input(kwargs, match):
         slot_aggregate(**kwargs)
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_low_precision_within_policy(dtype):
-    from smtc_fast.testing import assert_within_reference_error
-
-    logits, values, mask = make((4, 16, 4, 256, 64), "cuda", torch.float32)
-    exact = slot_aggregate_reference(logits.double(), values.double(), mask.double())[0]
-    low = [t.detach().to(dtype) for t in (logits, values, mask)]
-    assert_within_reference_error(slot_aggregate(*low)[0], slot_aggregate_reference(*low)[0], exact)
+def test_cuda_low_precision_within_policy(device, dtype):
+    """half/bf16 forward and backward (float accumulation inside): each result's error against float64 at most
+    twice the reference's own error in that dtype."""
+    logits, values, mask = make((2, 16, 4, 256, 64), device, torch.float32)
+    exact = [t.detach().double().requires_grad_() for t in (logits, values)]
+    eu, ea = slot_aggregate_reference(exact[0], exact[1], mask.double())
+    low = [t.detach().to(dtype).requires_grad_() for t in (logits, values)]
+    ref_low = [t.detach().to(dtype).requires_grad_() for t in (logits, values)]
+    u, a = slot_aggregate(low[0], low[1], mask.to(dtype))
+    ru, ra = slot_aggregate_reference(ref_low[0], ref_low[1], mask.to(dtype))
+    assert_within_reference_error(u, ru, eu)
+    assert_within_reference_error(a, ra, ea)
+    gu = torch.randn(u.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((u * gu.to(dtype)).sum(), low)
+    rgrads = torch.autograd.grad((ru * gu.to(dtype)).sum(), ref_low)
+    egrads = torch.autograd.grad((eu * gu).sum(), exact)
+    for g, r, e in zip(grads, rgrads, egrads):
+        assert_within_reference_error(g, r, e)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -40,6 +40,8 @@ def has_kernel(device_type):
         return True
     if device_type == "cuda":
         return bool(_C.build_info()["cuda"])
+    if device_type == "cuda_emu":  # the CUDA kernels run on the CPU by the execution tier (csrc/common/cuda_emu.h)
+        return bool(_C.build_info().get("cuda_emu", False))
     return False
 
 
@@ -57,7 +59,8 @@ def build_info():
     Returns a dict: extension (bool), cpu_kernels (bool), cuda_kernels (bool), cuda_archs (list of str),
     torch_version, torch_cuda_version (None for CPU torch), compiled_torch_version, compiled_cuda_version,
     cuda_available (a GPU is visible now), force_reference (SMTC_FAST_FORCE_REFERENCE is set),
-    ops (registered operator names), why_no_extension / why_no_cuda (None or a sentence).
+    ops (registered operator names), why_no_extension / why_no_cuda (None or a sentence), cuda_emu (the CPU
+    execution tier of the CUDA kernels, torch.ops.smtc_fast_cuda_emu, was built), why_no_cuda_emu.
     """
     record = _read_record()
     info = {
@@ -74,13 +77,15 @@ def build_info():
         "ops": [],
         "why_no_extension": None,
         "why_no_cuda": None,
+        "cuda_emu": False,
+        "why_no_cuda_emu": None,
     }
     if _C is None:
         info["why_no_extension"] = record.get("why_no_extension") or (
             f"smtc_fast._C could not be imported ({_LOAD_ERROR}); "
             "build it with `pip install --no-build-isolation -e .`"
         )
-        info["why_no_cuda"] = info["why_no_extension"]
+        info["why_no_cuda"] = info["why_no_cuda_emu"] = info["why_no_extension"]
         return info
     compiled = _C.build_info()
     info["cpu_kernels"] = True
@@ -88,6 +93,9 @@ def build_info():
     info["cuda_archs"] = list(record.get("cuda_archs", [])) if compiled["cuda"] else []
     info["compiled_cuda_version"] = compiled.get("cuda_version") or None
     info["ops"] = [n for n in OPS if hasattr(torch.ops.smtc_fast, n)]
+    info["cuda_emu"] = bool(compiled.get("cuda_emu", False))
+    if not info["cuda_emu"]:
+        info["why_no_cuda_emu"] = record.get("why_no_cuda_emu") or "the extension was built without the CUDA execution tier"
     if not compiled["cuda"]:
         info["why_no_cuda"] = record.get("why_no_cuda") or "the extension was built without CUDA"
     elif not torch.cuda.is_available():

@@ -1,9 +1,21 @@
 // Device helpers shared by the .cu files: warp reductions and dtype dispatch of the raw-pointer launchers.
+//
+// Every .cu file is compiled twice: by nvcc for the GPU, and by the host compiler with SMTC_CUDA_EMU for the CPU
+// execution tier (common/cuda_emu.h), so CI runs the same kernel source. The two places where plain C++ cannot
+// spell CUDA go through macros:
+//   SMTC_LAUNCH(grid, block, smem, stream, kernel)(args...)   is  kernel<<<grid, block, smem, stream>>>(args...)
+//   SMTC_DYNAMIC_SHARED(type, name);                          is  extern __shared__ type name[];
 #pragma once
 
+#if defined(SMTC_CUDA_EMU)
+#include "common/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#define SMTC_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
+#define SMTC_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 #include <stdexcept>
 #include <string>

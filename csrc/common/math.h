@@ -13,6 +13,13 @@
 #define SMTC_HD inline
 #endif
 
+// SMTC_DEVICE_MATH: this translation unit computes as the GPU does: nvcc's device pass, or a .cu file compiled for
+// the CPU execution tier (common/cuda_emu.h emulates __expf, exp2f and friends), so the tier runs the device
+// branch of every function below, not the host's polynomials.
+#if defined(__CUDA_ARCH__) || defined(SMTC_CUDA_EMU)
+#define SMTC_DEVICE_MATH 1
+#endif
+
 namespace smtc {
 
 // Accumulation type: float for float/half/bf16 inputs, double for double (house style rule 6).
@@ -25,7 +32,7 @@ template <typename T> using acc_t = typename acc_type<T>::type;
 // GCC vectorises inside `#pragma omp simd` loops, unlike std::exp. Arguments below -87.3 give exactly 0 (the
 // exact result is < 1.2e-38, under float's normal range), so masked entries (-inf) stay exactly zero.
 // Device: the hardware exp. Double: std::exp on both (the float64 path exists for gradcheck, not speed).
-#if !defined(__CUDA_ARCH__)
+#if !defined(SMTC_DEVICE_MATH)
 // exp(xc) for xc in [-87.3, 88.3].
 inline float exp_polynomial(float xc) {
   const float t = xc * 1.44269504088896341f;               // x / ln 2, in [-126, 127.4]
@@ -47,7 +54,7 @@ inline float exp_polynomial(float xc) {
 #endif
 
 SMTC_HD float fast_exp(float x) {
-#if defined(__CUDA_ARCH__)
+#if defined(SMTC_DEVICE_MATH)
   return __expf(x);
 #else
   const float y = exp_polynomial(x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x));
@@ -61,7 +68,7 @@ SMTC_HD double fast_exp(double x) { return exp(x); }
 // clamp into the final zeroing mask: ~22 instead of ~32 AVX-512 instructions per 16 lanes, 0.68 instead of
 // 0.97 cycles per element in a loop of exps (dev VM). Larger arguments give garbage.
 SMTC_HD float fast_exp_nonpositive(float x) {
-#if defined(__CUDA_ARCH__)
+#if defined(SMTC_DEVICE_MATH)
   return __expf(x);
 #else
   const float y = exp_polynomial(x < -87.3f ? -87.3f : x);  // the clamp keeps the int conversion defined
@@ -80,7 +87,7 @@ SMTC_HD double fast_exp_nonpositive(double x) { return exp(x); }
 // instructions per 16 lanes (the zeroing folds into the last multiply's mask), against ~22 for
 // fast_exp_nonpositive: the Sinkhorn first pass (an exp, a min and a sum per cost) ran in 58k instead of 82k
 // cycles per 256 x 256 problem (rdtsc, data in L2, dev VM). Device: the hardware exp2.
-#if !defined(__CUDA_ARCH__)
+#if !defined(SMTC_DEVICE_MATH)
 inline float exp2_polynomial_nonpositive(float t) {
   const float shifter = 12582912.0f;                       // 1.5 * 2^23: t + shifter rounds t to an integer
   const float ts = t + shifter;
@@ -104,7 +111,7 @@ inline float exp2_polynomial_nonpositive(float t) {
 #endif
 
 SMTC_HD float fast_exp2_nonpositive(float t) {
-#if defined(__CUDA_ARCH__)
+#if defined(SMTC_DEVICE_MATH)
   return exp2f(t);
 #else
   return exp2_polynomial_nonpositive(t);
@@ -116,7 +123,7 @@ SMTC_HD double fast_exp2_nonpositive(double t) { return exp2(t); }
 // smtc_log): Cephes' logf polynomial (max rel. error ~1 ulp), branch-free so that GCC vectorises it where glibc's
 // logf stays a scalar call. Sinkhorn's potentials take 512 logs per 256 x 256 problem (~0.5 ms of a ~13 ms
 // forward at SMTC's shapes as calls).
-#if !defined(__CUDA_ARCH__)
+#if !defined(SMTC_DEVICE_MATH)
 inline float fast_log_normal(float x) {
   int bits;
   std::memcpy(&bits, &x, sizeof(bits));

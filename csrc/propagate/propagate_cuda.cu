@@ -59,7 +59,7 @@ void launch_propagate_labels(const float* query, const float* first_feats, const
                              float* vals, int64_t* idx, float* out, cudaStream_t stream) {
   if (N == 0 || K == 0) return;
   const int blocks = static_cast<int>((N + kThreads - 1) / kThreads);
-  propagate_labels_kernel<<<blocks, kThreads, 0, stream>>>(query, first_feats, first_labels, ctx_feats, ctx_labels,
+  SMTC_LAUNCH(blocks, kThreads, 0, stream, propagate_labels_kernel)(query, first_feats, first_labels, ctx_feats, ctx_labels,
                                                            N, D, N0, n, K, h, w, k, radius,
                                                            static_cast<float>(1.0 / temperature), vals, idx, out);
   check_launch("smtc_fast propagate_labels_kernel");

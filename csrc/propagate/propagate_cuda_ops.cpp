@@ -18,7 +18,8 @@ at::Tensor propagate_labels_cuda(const at::Tensor& query_in, const at::Tensor& f
                                  double temperature) {
   check_propagate_args(query_in, first_feats_in, first_labels_in, ctx_feats_in, ctx_labels_in, grid, topk, radius,
                        temperature);
-  const c10::cuda::CUDAGuard guard(query_in.device());
+  SMTC_CHECK_KERNEL_DEVICE(query_in);
+  const DeviceGuard guard(query_in.device());
   const auto query = query_in.contiguous();
   const auto first_feats = first_feats_in.contiguous();
   const auto first_labels = first_labels_in.contiguous();
@@ -40,7 +41,7 @@ at::Tensor propagate_labels_cuda(const at::Tensor& query_in, const at::Tensor& f
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(smtc_fast, CUDA, m) { m.impl("propagate_labels", &propagate_labels_cuda); }
+SMTC_CUDA_IMPL(m) { m.impl("propagate_labels", &propagate_labels_cuda); }
 
 }  // namespace propagate
 }  // namespace smtc

@@ -15,7 +15,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(const at::Tensor& c
   check_sinkhorn_args(cost_in, log_mu_in, log_nu_in, eps, iters, tol);
   TORCH_CHECK(cost_in.scalar_type() == at::kFloat || cost_in.scalar_type() == at::kDouble,
               "smtc_fast::sinkhorn CUDA kernel supports float32/float64 cost, got ", cost_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(cost_in.device());
+  SMTC_CHECK_KERNEL_DEVICE(cost_in);
+  const DeviceGuard guard(cost_in.device());
   const auto cost = cost_in.contiguous();
   const auto log_mu = log_mu_in.contiguous();
   const auto log_nu = log_nu_in.contiguous();
@@ -36,7 +37,8 @@ at::Tensor sinkhorn_backward_cuda(const at::Tensor& grad_plan_in, const at::Tens
                                   const at::Tensor& log_nu_in, double eps, int64_t iters, c10::optional<double> tol) {
   check_sinkhorn_args(cost_in, log_mu_in, log_nu_in, eps, iters, tol);
   check_sinkhorn_grads(grad_plan_in, grad_f_in, grad_g_in, cost_in);
-  const c10::cuda::CUDAGuard guard(cost_in.device());
+  SMTC_CHECK_KERNEL_DEVICE(cost_in);
+  const DeviceGuard guard(cost_in.device());
   const auto cost = cost_in.contiguous();
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   auto grad_cost = at::empty_like(cost);
@@ -59,7 +61,7 @@ at::Tensor sinkhorn_backward_cuda(const at::Tensor& grad_plan_in, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(smtc_fast, CUDA, m) {
+SMTC_CUDA_IMPL(m) {
   m.impl("sinkhorn", &sinkhorn_cuda);
   m.impl("_sinkhorn_backward", &sinkhorn_backward_cuda);
 }

@@ -33,6 +33,7 @@ inline void check_slot_aggregate_backward_args(const at::Tensor& grad_updates,
   check_slot_aggregate_args(logits, values, mask, eps);
   TORCH_CHECK(attn.sizes() == logits.sizes(), "attn must have the shape of logits ", logits.sizes(), ", got ",
               attn.sizes());
+  SMTC_CHECK_SAME(attn, logits);  // a float64 attn with float32 logits would be read as garbage by the kernels
   if (grad_attn_opt.has_value()) {  // None: no gradient reaches attn directly (SMTC uses only the updates)
     const at::Tensor& grad_attn = *grad_attn_opt;
     TORCH_CHECK(grad_attn.sizes() == logits.sizes(), "grad_attn must have the shape of logits ", logits.sizes(),

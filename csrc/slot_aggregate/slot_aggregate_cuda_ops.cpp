@@ -1,9 +1,10 @@
 // CUDA wrapper of smtc_fast::slot_aggregate: the attention kernels (slot_aggregate_cuda.cu) and the two
-// contractions with the values on correlation's strided GEMM kernel, all on the current stream.
+// contractions with the values, which are batched GEMMs and so cuBLAS's job (at::bmm on the current stream,
+// honouring torch's TF32 / reduced-precision settings). Compiled twice (common/cuda_wrap.h): for the GPU and for
+// the CPU execution tier.
 #include <torch/library.h>
 
 #include "common/cuda_wrap.h"
-#include "correlation/correlation_cuda.h"
 #include "slot_aggregate/slot_aggregate_check.h"
 #include "slot_aggregate/slot_aggregate_cuda.h"
 
@@ -11,30 +12,23 @@ namespace smtc {
 namespace slot_aggregate {
 namespace {
 
-using correlation::launch_gemm_nt;
-using correlation::Operand;
+at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> slot_aggregate_cuda(const at::Tensor& logits_in, const at::Tensor& values,
                                                        const c10::optional<at::Tensor>& mask_in, double eps) {
   check_slot_aggregate_args(logits_in, values, mask_in, eps);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  SMTC_CHECK_KERNEL_DEVICE(logits_in);
+  const DeviceGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), G = logits.size(1), P = logits.size(2), N = logits.size(3);
   const int64_t D = values.size(2);
-  const auto stream = current_stream(logits);
   auto attn = at::empty_like(logits);
+  auto z = at::empty({B, G, P}, logits.options().dtype(acc_dtype(logits)));
   launch_attention_forward(dtype_code(logits), logits.data_ptr(), mask.defined() ? mask.data_ptr() : nullptr, eps,
-                           B, G, P, N, attn.data_ptr(), stream);
-  auto updates = at::empty({B, G, P, D}, logits.options());
-  if (N == 0) {
-    updates.zero_();
-  } else {
-    // updates[gp, d] = sum_n attn[gp, n] values[n, d]
-    launch_gemm_nt(dtype_code(logits), attn.data_ptr(), Operand{G * P * N, N, 1}, values.data_ptr(),
-                   Operand{values.stride(0), values.stride(2), values.stride(1)}, updates.data_ptr(), B, G * P, D,
-                   N, stream);
-  }
+                           B, G, P, N, attn.data_ptr(), z.data_ptr(), current_stream(logits));
+  // updates[b, gp, d] = sum_n attn[b, gp, n] values[b, n, d]
+  auto updates = at::bmm(attn.view({B, G * P, N}), values).view({B, G, P, D});
   return {updates, attn};
 }
 
@@ -44,41 +38,29 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cuda(const at::Tensor
                                                                 const c10::optional<at::Tensor>& mask_in,
                                                                 const at::Tensor& attn_in, double eps) {
   check_slot_aggregate_backward_args(grad_updates_in, grad_attn, logits_in, values, mask_in, attn_in, eps);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  SMTC_CHECK_KERNEL_DEVICE(logits_in);
+  const DeviceGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
   const auto attn = attn_in.contiguous();
   const auto grad_updates = grad_updates_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), G = logits.size(1), P = logits.size(2), N = logits.size(3);
   const int64_t D = values.size(2);
-  const auto stream = current_stream(logits);
-  const auto dt = dtype_code(logits);
-  // gw[gp, n] = sum_d grad_updates[gp, d] values[n, d], then + grad_attn
-  auto gw = at::empty_like(logits);
-  if (D == 0) {
-    gw.zero_();
-  } else {
-    launch_gemm_nt(dt, grad_updates.data_ptr(), Operand{G * P * D, D, 1}, values.data_ptr(),
-                   Operand{values.stride(0), values.stride(1), values.stride(2)}, gw.data_ptr(), B, G * P, N, D,
-                   stream);
-  }
+  const auto gu = grad_updates.view({B, G * P, D});
+  // gw[b, gp, n] = sum_d grad_updates[b, gp, d] values[b, n, d], then + grad_attn
+  auto gw = at::bmm(gu, values.transpose(1, 2)).view({B, G, P, N}).contiguous();
   if (grad_attn.has_value()) gw.add_(*grad_attn);
-  launch_attention_backward(dt, logits.data_ptr(), mask.defined() ? mask.data_ptr() : nullptr, attn.data_ptr(), eps,
-                            B, G, P, N, gw.data_ptr(), stream);
-  // grad_values[n, d] = sum_gp attn[gp, n] grad_updates[gp, d]
-  auto grad_values = at::empty({B, N, D}, logits.options());
-  if (G * P == 0) {
-    grad_values.zero_();
-  } else {
-    launch_gemm_nt(dt, attn.data_ptr(), Operand{G * P * N, 1, N}, grad_updates.data_ptr(), Operand{G * P * D, 1, D},
-                   grad_values.data_ptr(), B, N, D, G * P, stream);
-  }
+  auto zd = at::empty({B, G, 2, P}, logits.options().dtype(acc_dtype(logits)));
+  launch_attention_backward(dtype_code(logits), logits.data_ptr(), mask.defined() ? mask.data_ptr() : nullptr,
+                            attn.data_ptr(), eps, B, G, P, N, gw.data_ptr(), zd.data_ptr(), current_stream(logits));
+  // grad_values[b, n, d] = sum_gp attn[b, gp, n] grad_updates[b, gp, d]
+  auto grad_values = at::bmm(attn.view({B, G * P, N}).transpose(1, 2), gu);
   return {gw, grad_values};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(smtc_fast, CUDA, m) {
+SMTC_CUDA_IMPL(m) {
   m.impl("slot_aggregate", &slot_aggregate_cuda);
   m.impl("_slot_aggregate_backward", &slot_aggregate_backward_cuda);
 }

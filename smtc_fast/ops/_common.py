@@ -3,6 +3,7 @@
 Validation lives here so that the public function, the fake (meta) kernel and the reference raise the same
 clear errors; the C++ side repeats them with TORCH_CHECK for callers of `torch.ops.smtc_fast.*` directly.
 """
+import contextlib
 import os
 
 import torch
@@ -14,17 +15,54 @@ CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # Decided once at import: querying the extension inside a traced function would break torch.compile graphs.
-_KERNELS = {"cpu": _extension.has_kernel("cpu"), "cuda": _extension.has_kernel("cuda")}
+_KERNELS = {"cpu": _extension.has_kernel("cpu"), "cuda": _extension.has_kernel("cuda"),
+            "cuda_emu": _extension.has_kernel("cuda_emu")}
+
+# The operator namespaces the extension registered: smtc_fast (CPU and CUDA kernels) and, where the CPU execution
+# tier of the CUDA kernels was built, smtc_fast_cuda_emu (same schemas; the .cu kernels run on CPU tensors).
+NAMESPACES = tuple(ns for ns, ok in (("smtc_fast", _extension.extension_loaded()),
+                                     ("smtc_fast_cuda_emu", _KERNELS["cuda_emu"])) if ok)
+
+_emulating = False
+
+
+@contextlib.contextmanager
+def emulated_cuda():
+    """Inside this block the public ops send CPU tensors to the CUDA kernels run by the CPU execution tier
+    (torch.ops.smtc_fast_cuda_emu), with the CUDA kernels' dtypes, instead of the CPU kernels. For tests and for
+    debugging a CUDA kernel without a GPU; the schedule comes from SMTC_FAST_EMU_SCHEDULE."""
+    global _emulating
+    if not _KERNELS["cuda_emu"]:
+        raise RuntimeError("the CUDA execution tier is not built: " + str(_extension.build_info()["why_no_cuda_emu"]))
+    saved, _emulating = _emulating, True
+    try:
+        yield
+    finally:
+        _emulating = saved
+
+
+def _kernel_device(x):
+    return "cuda_emu" if _emulating and x.device.type == "cpu" else x.device.type
+
+
+def kernel_ops(x):
+    """The operator namespace whose kernel serves tensor `x`: torch.ops.smtc_fast, or the emulated CUDA kernels."""
+    return torch.ops.smtc_fast_cuda_emu if _kernel_device(x) == "cuda_emu" else torch.ops.smtc_fast
 
 
 def use_kernel(x, dtypes=None):
-    """True when the compiled kernel serves tensor `x` (device and dtype), False -> use the reference."""
+    """True when the compiled kernel serves tensor `x` (device and dtype), False -> use the reference.
+    `dtypes` may be a tuple, or a dict from device kind ('cpu', 'cuda') to a tuple."""
     if os.environ.get("SMTC_FAST_FORCE_REFERENCE", "0").lower() in ("1", "true", "yes", "on"):
         return False
-    if not _KERNELS.get(x.device.type, False):
+    device = _kernel_device(x)
+    if not _KERNELS.get(device, False):
         return False
+    kind = "cpu" if device == "cpu" else "cuda"  # the emulated device runs the CUDA kernels, with their dtypes
     if dtypes is None:
-        dtypes = CPU_DTYPES if x.device.type == "cpu" else CUDA_DTYPES
+        dtypes = CPU_DTYPES if kind == "cpu" else CUDA_DTYPES
+    elif isinstance(dtypes, dict):
+        dtypes = dtypes[kind]
     return x.dtype in dtypes
 
 

@@ -12,8 +12,7 @@ Backward: grad_a = grad @ b, grad_b = grad^T @ a (registered op `_correlation_ba
 """
 import torch
 
-from smtc_fast import _extension
-from smtc_fast.ops._common import check_dim, check_same, check_tensor, use_kernel
+from smtc_fast.ops._common import NAMESPACES, check_dim, check_same, check_tensor, kernel_ops, use_kernel
 
 
 def _check(a, b):
@@ -34,18 +33,19 @@ def correlation(a, b):
     """C = a @ b^T per batch: a (B, N, D), b (B, M, D) -> (B, N, M). Differentiable in a and b."""
     _check(a, b)
     if use_kernel(a):
-        return torch.ops.smtc_fast.correlation(a, b)
+        return kernel_ops(a).correlation(a, b)
     return correlation_reference(a, b)
 
 
-if _extension.extension_loaded():
+def _register(ns):
+    ops = getattr(torch.ops, ns)
 
-    @torch.library.register_fake("smtc_fast::correlation")
+    @torch.library.register_fake(f"{ns}::correlation")
     def _correlation_fake(a, b):
         _check(a, b)
         return a.new_empty((a.shape[0], a.shape[1], b.shape[1]))
 
-    @torch.library.register_fake("smtc_fast::_correlation_backward")
+    @torch.library.register_fake(f"{ns}::_correlation_backward")
     def _correlation_backward_fake(grad, a, b):
         return torch.empty_like(a), torch.empty_like(b)
 
@@ -55,7 +55,11 @@ if _extension.extension_loaded():
 
     def _backward(ctx, grad):
         a, b = ctx.saved_tensors
-        grad_a, grad_b = torch.ops.smtc_fast._correlation_backward(grad.contiguous(), a, b)
+        grad_a, grad_b = ops._correlation_backward(grad.contiguous(), a, b)
         return grad_a, grad_b
 
-    torch.library.register_autograd("smtc_fast::correlation", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::correlation", _backward, setup_context=_setup_context)
+
+
+for _ns in NAMESPACES:
+    _register(_ns)

@@ -31,8 +31,7 @@ import math
 
 import torch
 
-from smtc_fast import _extension
-from smtc_fast.ops._common import check_dim, check_same, check_tensor, use_kernel
+from smtc_fast.ops._common import NAMESPACES, check_dim, check_same, check_tensor, kernel_ops, use_kernel
 
 
 def _check(query, first_feats, first_labels, ctx_feats, ctx_labels, grid, topk, radius, temperature):
@@ -108,17 +107,20 @@ def propagate_labels(query, first_feats, first_labels, ctx_feats, ctx_labels, gr
     _check(query, first_feats, first_labels, ctx_feats, ctx_labels, grid, topk, radius, temperature)
     _check_no_grad(query, first_feats, first_labels, ctx_feats, ctx_labels)
     if use_kernel(query, dtypes=(torch.float32,)):
-        return torch.ops.smtc_fast.propagate_labels(query, first_feats, first_labels, ctx_feats, ctx_labels,
-                                                    [int(grid[0]), int(grid[1])], int(topk), float(radius),
-                                                    float(temperature))
+        return kernel_ops(query).propagate_labels(query, first_feats, first_labels, ctx_feats, ctx_labels,
+                                                  [int(grid[0]), int(grid[1])], int(topk), float(radius),
+                                                  float(temperature))
     return propagate_labels_reference(query, first_feats, first_labels, ctx_feats, ctx_labels, grid, topk, radius,
                                       temperature)
 
 
-if _extension.extension_loaded():
-
-    @torch.library.register_fake("smtc_fast::propagate_labels")
+def _register(ns):
+    @torch.library.register_fake(f"{ns}::propagate_labels")
     def _propagate_labels_fake(query, first_feats, first_labels, ctx_feats, ctx_labels, grid, topk, radius,
                                temperature):
         _check(query, first_feats, first_labels, ctx_feats, ctx_labels, grid, topk, radius, temperature)
         return query.new_empty((query.shape[0], first_labels.shape[1]))
+
+
+for _ns in NAMESPACES:
+    _register(_ns)

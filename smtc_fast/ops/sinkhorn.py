@@ -28,8 +28,7 @@ import math
 
 import torch
 
-from smtc_fast import _extension
-from smtc_fast.ops._common import check_same, check_tensor, use_kernel
+from smtc_fast.ops._common import NAMESPACES, check_same, check_tensor, kernel_ops, use_kernel
 
 KERNEL_CPU_DTYPES = (torch.float32, torch.float64)
 KERNEL_CUDA_DTYPES = (torch.float32, torch.float64)
@@ -91,24 +90,24 @@ def sinkhorn_reference(cost, log_mu=None, log_nu=None, eps=0.05, iters=3, tol=No
 def sinkhorn(cost, log_mu=None, log_nu=None, eps=0.05, iters=3, tol=None, return_potentials=False):
     """Batched log-domain Sinkhorn (see the module docstring). Differentiable w.r.t. cost."""
     _check(cost, log_mu, log_nu, eps, iters, tol)
-    dtypes = KERNEL_CPU_DTYPES if cost.device.type == "cpu" else KERNEL_CUDA_DTYPES
-    if not use_kernel(cost, dtypes):
+    if not use_kernel(cost, {"cpu": KERNEL_CPU_DTYPES, "cuda": KERNEL_CUDA_DTYPES}):
         return sinkhorn_reference(cost, log_mu, log_nu, eps, iters, tol, return_potentials)
     log_mu, log_nu = _uniform(cost, log_mu, log_nu)
-    plan, f, g = torch.ops.smtc_fast.sinkhorn(cost, log_mu, log_nu, float(eps), int(iters),
-                                              None if tol is None else float(tol))
+    plan, f, g = kernel_ops(cost).sinkhorn(cost, log_mu, log_nu, float(eps), int(iters),
+                                           None if tol is None else float(tol))
     return (plan, f, g) if return_potentials else plan
 
 
-if _extension.extension_loaded():
+def _register(ns):
+    ops = getattr(torch.ops, ns)
 
-    @torch.library.register_fake("smtc_fast::sinkhorn")
+    @torch.library.register_fake(f"{ns}::sinkhorn")
     def _sinkhorn_fake(cost, log_mu, log_nu, eps, iters, tol):
         _check(cost, log_mu, log_nu, eps, iters, tol)
         B, N, M = cost.shape
         return torch.empty_like(cost), cost.new_empty((B, N)), cost.new_empty((B, M))
 
-    @torch.library.register_fake("smtc_fast::_sinkhorn_backward")
+    @torch.library.register_fake(f"{ns}::_sinkhorn_backward")
     def _sinkhorn_backward_fake(grad_plan, grad_f, grad_g, cost, log_mu, log_nu, eps, iters, tol):
         return torch.empty_like(cost)
 
@@ -123,8 +122,11 @@ if _extension.extension_loaded():
         grad_plan = torch.zeros_like(cost) if grad_plan is None else grad_plan.contiguous()
         grad_f = cost.new_zeros((B, N)) if grad_f is None else grad_f.contiguous()
         grad_g = cost.new_zeros((B, M)) if grad_g is None else grad_g.contiguous()
-        grad_cost = torch.ops.smtc_fast._sinkhorn_backward(grad_plan, grad_f, grad_g, cost, log_mu, log_nu,
-                                                           *ctx.args)
+        grad_cost = ops._sinkhorn_backward(grad_plan, grad_f, grad_g, cost, log_mu, log_nu, *ctx.args)
         return grad_cost, None, None, None, None, None
 
-    torch.library.register_autograd("smtc_fast::sinkhorn", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::sinkhorn", _backward, setup_context=_setup_context)
+
+
+for _ns in NAMESPACES:
+    _register(_ns)

@@ -25,8 +25,7 @@ divide) is the official one, so the reference matches it bit for bit in float64.
 """
 import torch
 
-from smtc_fast import _extension
-from smtc_fast.ops._common import check_dim, check_same, check_tensor, use_kernel
+from smtc_fast.ops._common import NAMESPACES, check_dim, check_same, check_tensor, kernel_ops, use_kernel
 
 
 def _check(logits, values, mask, eps):
@@ -73,23 +72,31 @@ def slot_aggregate(logits, values, mask=None, eps=1e-8):
     stage1 = logits.dim() == 3
     logits4 = logits.unsqueeze(1) if stage1 else logits  # stage 1 = one group of S slots: (B, 1, S, N)
     mask_f = None if mask is None else mask.to(logits.dtype)
-    updates, attn = torch.ops.smtc_fast.slot_aggregate(logits4, values, mask_f, float(eps))
+    updates, attn = kernel_ops(logits).slot_aggregate(logits4, values, mask_f, float(eps))
     if stage1:
         return updates.squeeze(1), attn.squeeze(1)
     return updates, attn
 
 
-if _extension.extension_loaded():
+def _register(ns):
+    ops = getattr(torch.ops, ns)
 
-    @torch.library.register_fake("smtc_fast::slot_aggregate")
+    @torch.library.register_fake(f"{ns}::slot_aggregate")
     def _slot_aggregate_fake(logits, values, mask, eps):
         torch._check(logits.dim() == 4, lambda: "logits must be 4-D (B, G, P, N)")
         _check(logits, values, None, eps)
         B, G, P, _ = logits.shape
         return logits.new_empty((B, G, P, values.shape[2])), torch.empty_like(logits)
 
-    @torch.library.register_fake("smtc_fast::_slot_aggregate_backward")
+    @torch.library.register_fake(f"{ns}::_slot_aggregate_backward")
     def _slot_aggregate_backward_fake(grad_updates, grad_attn, logits, values, mask, attn, eps):
+        # the checks of csrc/slot_aggregate/slot_aggregate_check.h: a tensor on another device or of another dtype
+        # than logits (a float64 attn, a CPU attn next to CUDA logits) must fail here as it does in the kernels
+        check_same("values", values, "logits", logits)
+        check_same("attn", attn, "logits", logits)
+        check_same("grad_updates", grad_updates, "logits", logits)
+        if grad_attn is not None:
+            check_same("grad_attn", grad_attn, "logits", logits)
         return torch.empty_like(logits), torch.empty_like(values)
 
     def _setup_context(ctx, inputs, output):
@@ -108,8 +115,12 @@ if _extension.extension_loaded():
         if grad_attn is not None:
             grad_attn = grad_attn.contiguous()
         # grad_attn None (only the updates are used, as in SMTC): the kernel skips that term, no zero tensor
-        grad_logits, grad_values = torch.ops.smtc_fast._slot_aggregate_backward(
+        grad_logits, grad_values = ops._slot_aggregate_backward(
             grad_updates.contiguous(), grad_attn, logits, values, mask, attn, ctx.eps)
         return grad_logits, grad_values, None, None
 
-    torch.library.register_autograd("smtc_fast::slot_aggregate", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::slot_aggregate", _backward, setup_context=_setup_context)
+
+
+for _ns in NAMESPACES:
+    _register(_ns)
