@@ -17,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # name -> (patch, family, prefix tokens)
 FAMILIES = {
     "vit_small_patch16_224": (16, "dino", 1),              # DINO ViT-S/16 (and AugReg's name)
+    "vit_small_patch16_224.augreg_in21k": (16, "dino", 1), # AugReg, named with its pretrained tag
     "deit_small_patch16_224": (16, "dino", 1),             # DeiT
+    "deit_small_distilled_patch16_224": (16, "dino", 2),   # DeiT with its distillation token
     "deit3_small_patch16_224": (16, "noembed", 1),         # DeiT-3: table without the CLS entry
     "vit_small_patch14_dinov2": (14, "dino", 1),
     "vit_small_patch14_reg4_dinov2": (14, "noembed", 5),
@@ -145,7 +147,8 @@ def test_dinov2_without_registers_keeps_the_dino_rule():
     assert torch.equal(tokens, x[:, 1:])
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3_qkvb"])
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "deit3_small_patch16_224",
+                                  "vit_small_patch16_dinov3_qkvb"])
 def test_training_step(name, tmp_path):
     from smtc_fast.train import TrainConfig, train
 
@@ -160,7 +163,8 @@ def test_training_step(name, tmp_path):
     assert kind == "smtc_fast" and model.config.backbone == name
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3"])
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+                                  "vit_small_patch16_dinov3"])
 def test_propagation_on_the_real_fixture(name):
     """Random-weight features on blackswan, frames 0-3, on the backbone's own grid (the patch-14 preset for
     DINOv2): the whole path runs; label maps at the frame's size, with the frame-0 labels (no score: random weights)."""

@@ -55,8 +55,9 @@ def interpolate_pos_embed(pos_embed, h, w, num_prefix_tokens=1):
 #              (timm folds the file's CLS position into cls_token when converting).
 #   "eva"      timm Eva: RoPE on the patch tokens (prefix tokens CLS + registers are not rotated). DINOv3. Positions:
 #              the model's own _pos_embed, RoPE on the (h, w) grid with coordinates normalised to [-1, 1] per axis,
-#              so every grid is native. timm applies no training-time coordinate augmentation (DINOv3 pretraining's
-#              rescale_coords), and neither do we.
+#              so every grid is native. The official model in train mode also rescales the coordinates by a random
+#              factor (hub: pos_embed_rope_rescale_coords=2); timm's model does not, nor do we: the student trains on
+#              the positions it sees at inference.
 #
 # Keys (spec §1.1, last_block_keys): the key third of qkv(norm1(x)) of the last block, prefix tokens dropped. With
 # its bias for "dino" / "noembed"; DINOv3 masks its key bias to zero. For RoPE models, before the rotation.
@@ -117,6 +118,8 @@ def _embed(vit, images, h, w):
     N = images.shape[0]
     family = getattr(vit, "family", None) or vit_family(vit)
     if family == "eva":
+        if not getattr(vit, "dynamic_img_size", False):
+            raise ValueError("an Eva (RoPE) backbone must be built with dynamic_img_size=True (create_vit does)")
         x = vit.patch_embed(images)  # (N, h, w, D): dynamic_img_size keeps the grid for _pos_embed
         x, rope = vit._pos_embed(x)  # prefix tokens, the table (if any) resized by timm, RoPE for this (h, w)
         return vit.norm_pre(x), rope
