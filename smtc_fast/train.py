@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from smtc_fast.data import augment_clips, open_clips
 from smtc_fast.losses import object_loss, overlap_loss, semantic_loss, valid_instances
-from smtc_fast.models import SMTC, SMTCConfig, load_dino
+from smtc_fast.models import SMTC, SMTCConfig, load_backbone, load_dino
 
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
@@ -68,6 +68,8 @@ class TrainConfig:
     crop_flip: bool = False            # the paper's random crop + flip
     synthetic_objects: int = 2
     dino: Optional[str] = None         # DINO ViT weights file for the encoder (e.g. dino_deitsmall16_pretrain.pth)
+    backbone_weights: Optional[str] = None  # any ViT backbone file for --backbone: official DINOv2 / DINOv3 .pth,
+                                            # a timm state dict, or a DINO file (models/backbone.py)
     moco: Optional[str] = None         # MoCo ResNet-50 weights (backbone 'resnet50')
     init: Optional[str] = None         # start from an SMTC checkpoint (official or ours), student = teacher
     resume: Optional[str] = None       # a checkpoint to continue, or 'auto' = <output>/last.pt if it exists
@@ -278,8 +280,12 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
+    if cfg.dino and cfg.backbone_weights:
+        raise ValueError("give --dino or --backbone-weights, not both (both load the encoder)")
     if cfg.dino:
         load_dino(student, cfg.dino)
+    if cfg.backbone_weights:
+        load_backbone(student, cfg.backbone_weights)
     if cfg.moco:
         student.encoder.load_moco(cfg.moco)
     if cfg.init:
@@ -506,6 +512,9 @@ _TRAIN_HELP = {
     "crop_flip": "the paper's random resized crop + horizontal flip",
     "synthetic_objects": "objects per synthetic clip",
     "dino": "DINO ViT weights file for the encoder (dino_deitsmall16_pretrain.pth)",
+    "backbone_weights": "weights file for the --backbone ViT, strict: official DINOv2 / DINOv3 .pth "
+                        "(dinov2_vits14_reg4_pretrain.pth, dinov3_vits16_pretrain_lvd1689m-*.pth), a timm state "
+                        "dict, or a DINO file",
     "moco": "MoCo ResNet-50 weights file (--backbone resnet50)",
     "init": "start from an SMTC checkpoint (released or ours)",
     "resume": "checkpoint to continue, or 'auto' (<output>/last.pt when present)",

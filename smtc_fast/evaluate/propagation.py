@@ -55,6 +55,16 @@ PRESETS = {
     # SMTC eval_prop.sh (commented alternative): tokens interpolated to the stride-8 grid
     "smtc-stride8": Preset(28, 20, 35, 0.2, 8, "floor", 16, "SMTC eval_prop.sh (commented): --topk 28 --radius 35, "
                                                            "mapScale 320//40"),
+    # Patch-14 backbones (DINOv2): the stride-16 protocol scaled to the 14-pixel grid. The label grid follows the
+    # tokens (floor(H/14)) and the radius keeps its reach in pixels: 7 cells x 16 px = 112 px = 8 cells x 14 px
+    # (35 x 8 = 280 px = 40 x 7 for the stride-7 line). top-k, context and temperature are the stride-16 values.
+    # Ours, not an official setting: there is no published SMTC result on a patch-14 backbone.
+    "smtc-patch14": Preset(7, 20, 8, 0.2, 14, "floor", 14, "smtc-stride16 scaled to patch 14: --topk 7 "
+                                                         "--videoLen 20 --radius 8 (= 112 px) --temperature 0.2, "
+                                                         "label grid floor(H/14)"),
+    "smtc-patch14-stride7": Preset(28, 20, 40, 0.2, 7, "floor", 14, "smtc-stride8 scaled to patch 14: --topk 28 "
+                                                                   "--radius 40 (= 280 px), label grid "
+                                                                   "floor(H/7)"),
     # CRW README (DAVIS): ResNet-18 res3 features at stride 8
     "crw": Preset(10, 20, 12, 0.05, 8, "ceil", 1, "CRW README: --topk 10 --videoLen 20 --radius 12 "
                                                   "--temperature 0.05"),
@@ -463,6 +473,17 @@ def propagate_pose_video(frame_paths, joints, feature_fn, preset, crop_size=320,
 # ---------------------------------------------------------------------------------------------------------------
 # feature functions from the command line
 
+def _preset_note(preset, stride):
+    """The stride-16 presets on patch-14 tokens (or the reverse) still run, through a resize of the features to the
+    label grid; say which preset matches."""
+    if stride == 14 and not preset.startswith("smtc-patch14"):
+        print(f"note: patch-14 backbone with preset {preset}; the patch-14 protocol is --preset smtc-patch14",
+              file=sys.stderr)
+    elif stride == 16 and preset.startswith("smtc-patch14"):
+        print(f"note: preset {preset} is for patch-14 backbones; this one has patch 16 (--preset smtc-stride16)",
+              file=sys.stderr)
+
+
 def build_feature_fn(args):
     """--features color | smtc (an SMTC / DINO checkpoint) | timm (a timm ViT name, random or --checkpoint)."""
     if args.features == "color":
@@ -474,18 +495,17 @@ def build_feature_fn(args):
 
         model, kind = load_checkpoint(args.checkpoint)
         print(f"loaded {kind} checkpoint {args.checkpoint}: using its encoder's last-block tokens (spec §4.1)")
+        _preset_note(args.preset, model.encoder.stride)
         return ViTTokens(model.to(args.device), batch_size=args.batch_size)
     if args.features == "timm":
-        import timm
+        from smtc_fast.models import create_vit, load_backbone_weights
 
-        vit = timm.create_model(args.backbone, pretrained=False, num_classes=0)
-        if args.checkpoint:
-            sd = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-            vit.load_state_dict(sd, strict=True)
+        vit = create_vit(args.backbone, drop_path_rate=0.0)
+        if args.checkpoint:  # DINO, timm, or the official DINOv2 / DINOv3 .pth; strict (models/backbone.py)
+            load_backbone_weights(vit, args.checkpoint)
         else:
             print("warning: --features timm without --checkpoint uses random weights", file=sys.stderr)
-        vit.stride = vit.patch_embed.proj.stride[0]
+        _preset_note(args.preset, vit.stride)
         return ViTTokens(vit.to(args.device), batch_size=args.batch_size)
     raise SystemExit(f"unknown --features {args.features!r}")
 
@@ -605,7 +625,10 @@ def add_arguments(parser):
     parser.add_argument("--out", default="runs/eval_prop", help="output folder (PNGs, JSON, CSV, overlays)")
     parser.add_argument("--preset", default="smtc-stride16", choices=sorted(PRESETS),
                         help="smtc-stride16 = SMTC eval_prop.sh; smtc-stride8 = its commented stride-8 line; "
-                             "crw = the CRW README (§2.5)")
+                             "crw = the CRW README (§2.5); smtc-patch14 / smtc-patch14-stride7 = those two lines "
+                             "for patch-14 backbones (DINOv2): label grid floor(H/14) (floor(H/7)), radius 8 (40) "
+                             "cells = the same 112 (280) px, top-k / context / temperature unchanged (ours, not "
+                             "an official setting)")
     parser.add_argument("--topk", type=int, default=None, help="override the preset's top-k")
     parser.add_argument("--n-context", type=int, default=None, help="override the preset's context length "
                                                                    "(official --videoLen)")
@@ -613,10 +636,12 @@ def add_arguments(parser):
     parser.add_argument("--temperature", type=float, default=None, help="override the preset's temperature")
     parser.add_argument("--features", default="smtc", choices=["smtc", "timm", "color"],
                         help="smtc: the encoder of --checkpoint (SMTC / smtc_fast / DINO file, spec §4.1); "
-                             "timm: a timm ViT (--backbone) with --checkpoint weights; color: a weight-free baseline")
+                             "timm: a timm ViT (--backbone) with --checkpoint weights (DINO, timm, or official "
+                             "DINOv2 / DINOv3 .pth); color: a weight-free baseline")
     parser.add_argument("--checkpoint", default=None, help="weights for --features smtc / timm")
-    parser.add_argument("--backbone", default="vit_small_patch16_224", help="timm name for --features timm "
-                                                                             "(DINO ViT-S/16)")
+    parser.add_argument("--backbone", default="vit_small_patch16_224",
+                        help="timm name for --features timm: DINO ViT-S/16 (default), vit_small_patch14_dinov2, "
+                             "vit_small_patch14_reg4_dinov2, vit_small_patch16_dinov3_qkvb, ... (any size)")
     parser.add_argument("--set", default="val", help="DAVIS ImageSets/2017/<set>.txt, VIP lists/<set>_videos.txt")
     parser.add_argument("--sequences", nargs="*", default=None, help="only these videos (unset: the whole list)")
     parser.add_argument("--filelist", default=None, help="JHMDB: '<img_dir> <mat>' lines (UVC testlist_split1.txt)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smtc_fast.models.backbone import ResNetBackbone, create_vit, vit_forward
+from smtc_fast.models.backbone import ResNetBackbone, create_vit, load_backbone_weights, vit_forward
 from smtc_fast.models.slot_attention import SlotAttention
 from smtc_fast.ops import correlation
 
@@ -24,7 +24,8 @@ from smtc_fast.ops import correlation
 @dataclass
 class SMTCConfig:
     """Model configuration. Defaults = the released checkpoint's model (spec §1, §6)."""
-    backbone: str = "vit_small_patch16_224"  # any timm ViT name, or "resnet50" (stride 8, paper Table 4)
+    backbone: str = "vit_small_patch16_224"  # any timm ViT name (DINO/DeiT/AugReg/DINOv2 +-reg/DINOv3, backbone.py),
+                                              # or "resnet50" (stride 8, paper Table 4)
     patch_size: Optional[int] = None          # timm overrides for small test/demo models (None = the model's own)
     depth: Optional[int] = None
     img_size: Optional[int] = None            # the pretrained pos-embed grid = img_size / patch_size
@@ -226,9 +227,11 @@ def load_checkpoint(path, config: Optional[SMTCConfig] = None, which="student", 
     """Build an SMTC from a checkpoint file and say which kind it was.
 
     Accepts: a released SMTC checkpoint ({'model_state_dict': ...}, official names, config inferred from shapes),
-    a DINO backbone file (flat ViT names; loaded into `encoder`, the head keeps its initialisation), or our own
-    training checkpoint ({'format': 'smtc_fast', 'config', 'student', 'teacher', ...}; `which` picks the weights).
-    Always strict, with `weights_only=True`. Returns (model, kind) with kind in {"official", "dino", "smtc_fast"}.
+    a DINO backbone file (flat ViT names; loaded into `encoder`, the head keeps its initialisation), another
+    backbone file (official DINOv2 / DINOv3 `.pth` or a timm state dict, for the backbone `config` names), or our
+    own training checkpoint ({'format': 'smtc_fast', 'config', 'student', 'teacher', ...}; `which` picks the
+    weights). Always strict, with `weights_only=True`. Returns (model, kind) with kind in
+    {"official", "dino", "backbone", "smtc_fast"}.
     """
     ckpt = _load_file(path, map_location)
     if not isinstance(ckpt, dict):
@@ -248,11 +251,26 @@ def load_checkpoint(path, config: Optional[SMTCConfig] = None, which="student", 
         return model, "official"
     sd = ckpt.get("state_dict", ckpt.get("teacher", ckpt))  # DINO files: flat, or the full training ckpt
     sd = {k.replace("module.", "", 1).replace("backbone.", "", 1): v for k, v in sd.items()}
-    if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
+    if "patch_embed.proj.weight" in sd:
         model = SMTC(config or SMTCConfig())
-        load_dino(model, sd)
-        return model, "dino"
-    raise ValueError(f"{path}: not an SMTC, smtc_fast or DINO checkpoint (top-level keys: {sorted(ckpt)[:10]})")
+        if isinstance(model.encoder, ResNetBackbone):
+            raise ValueError(f"{path}: a ViT backbone file, but the config's backbone is resnet50")
+        if "pos_embed" in sd and "mask_token" not in sd and model.encoder.family == "dino":
+            load_dino(model, sd)  # DINO files, loaded as they always were
+            return model, "dino"
+        load_backbone(model, sd)  # DINOv2 / DINOv3 official files, timm state dicts (config names the backbone)
+        return model, "backbone"
+    raise ValueError(f"{path}: not an SMTC, smtc_fast or ViT backbone checkpoint "
+                     f"(top-level keys: {sorted(ckpt)[:10]})")
+
+
+def load_backbone(model, state_dict_or_path):
+    """Load a ViT backbone's weights into model.encoder, strictly, in any format `load_backbone_weights` reads:
+    a DINO file, a timm state dict, or the official DINOv2 / DINOv3 `.pth` for the model's `backbone`."""
+    if isinstance(model.encoder, ResNetBackbone):
+        raise ValueError("backbone weights need a ViT backbone (ResNet-50 takes MoCo files: --moco)")
+    load_backbone_weights(model.encoder, state_dict_or_path)
+    return model
 
 
 def load_dino(model, state_dict_or_path):
