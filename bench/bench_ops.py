@@ -115,6 +115,48 @@ def peak_rss():
 
 MIN_SECONDS = 1.0
 
+# An H100 SXM's limits, for the roofline lines (the CUDA kernels' .cu headers derive the same numbers).
+H100 = dict(name="H100 SXM", bytes_per_s=3.35e12, fp32_flops=67e12, exps_per_s=16 * 132 * 1.755e9)
+
+
+def roofline(op, quick):
+    """Forward-pass floor of the kernel path at the bench's shape: (bytes moved, FLOPs, exps), float32."""
+    s = shapes(quick)
+    N, D = s["N"], s["D"]
+    if op == "correlation":
+        P = s["pairs"]
+        return 4 * (2 * P * N * D + P * N * N), 2 * P * N * N * D, 0
+    if op == "slot_aggregate":
+        B, S, P = s["frames"], s["S"], s["P"]
+        stage1 = 4 * (2 * B * S * N) + 4 * (B * S * N + B * N * D + B * S * D)             # attention + GEMM
+        stage2 = 4 * (2 * B * S * P * N + B * S * N) + 4 * (B * S * P * N + B * N * D + B * S * P * D)
+        flops = 3 * 2 * B * S * N * D + 3 * 2 * B * S * P * N * D
+        exps = 3 * 4 * B * S * N + 3 * 4 * B * S * P * N
+        return 3 * stage1 + 3 * stage2, flops, exps
+    if op == "sinkhorn":
+        B = s["pairs"]
+        return 4 * 2 * B * N * N, 0, 7 * B * N * N  # cost read + plan written; 7 exps per entry (3 iterations)
+    raise ValueError(op)
+
+
+def roofline_lines(records, device, quick):
+    """One line per op: bytes, FLOPs, exps, the bound and its time on an H100; on a GPU also the measured
+    kernel time as a fraction of that floor."""
+    lines = [f"\nroofline, forward, float32 ({H100['name']}: {H100['bytes_per_s'] / 1e12:.2f} TB/s, "
+             f"{H100['fp32_flops'] / 1e12:.0f} TFLOP/s FP32, {H100['exps_per_s'] / 1e12:.1f} T exp/s):"]
+    for op in ("correlation", "slot_aggregate", "sinkhorn"):
+        nbytes, flops, exps = roofline(op, quick)
+        t = {"memory": nbytes / H100["bytes_per_s"], "FP32": flops / H100["fp32_flops"],
+             "SFU": exps / H100["exps_per_s"]}
+        bound = max(t, key=t.get)
+        line = (f"  {op:16s} {nbytes / 1e6:8.1f} MB {flops / 1e9:7.2f} GFLOP {exps / 1e6:7.1f} M exp"
+                f"  -> {bound} bound, {t[bound] * 1e6:7.1f} us")
+        k = next((r for r in records if r["op"] == op and r["impl"] == "kernel" and r["pass"] == "fwd"), None)
+        if device == "cuda" and k:
+            line += f"; measured {k['median_ms'] * 1e3:.1f} us = {t[bound] * 1e3 / k['median_ms']:.0%} of the floor"
+        lines.append(line)
+    return lines
+
 
 def run_one(op, impl, pass_, quick, device, repeats):
     """Measured in this (fresh) process: median time and peak memory above the inputs."""
@@ -266,6 +308,8 @@ def main():
         if impl != "kernel" and k:
             print(f"  {op:16s} {pass_:7s} {impl:20s} {r['median_ms'] / k['median_ms']:7.1f}x"
                   f"   peak memory {r['peak_mb']:.0f} MB vs kernel {k['peak_mb']:.0f} MB")
+    for line in roofline_lines(records, args.device, args.quick):
+        print(line)
     if args.json:
         write_json(args.json, records, environment(args.device))
 

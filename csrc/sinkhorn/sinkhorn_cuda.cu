@@ -6,13 +6,13 @@
 // N*M >> 1e6) runs on a handful of SMs, serially inside each block; split such problems over several blocks (or
 // use the reference, which is GPU-wide per iteration) if that is your workload.
 //
-// Roofline at SMTC's shape on an H100 (B = 384, 256 x 256, float32, 3 iterations): the cost (100 MB) is read once
-// from DRAM and re-read from L2 by each of the 7 passes (2 per iteration + the plan; 256 KB per problem stays in
-// the 50 MB L2 only if at most ~190 blocks run at once), the plan (100 MB) written once: >= 200 MB -> 60 us at
-// 3.35 TB/s; 7 exps per element = 176 M exps at 4 per SM per clock (SFU) -> 0.25 ms at 1.75 GHz x 132 SMs: the
-// SFU-bound passes dominate, ~0.3 ms for the solve.
-//   f update: a warp per row, lanes stream the row with an online log-sum-exp merged by shuffles;
-//   g update: a thread per column, coalesced across the row; the per-element math is sinkhorn.h's.
+// Roofline at SMTC's shape on an H100 SXM (B = 384 problems of 256 x 256, float32, 3 iterations): the cost (100 MB)
+// read and the plan (100 MB) written at least once: 200 MB -> 60 us at 3.35 TB/s. The forward's 7 passes over the
+// cost (f and g per iteration, then the plan) take 7 exps per element: 176 M exps at 16 per SM per clock (the SFU's
+// MUFU.EX2 rate on sm_90) x 132 SMs x 1.75 GHz = 48 us. All 384 blocks are resident at once (8 per SM), so their
+// 100 MB of costs do not fit the 50 MB L2 and each pass re-reads from DRAM: 7 x 100 + 100 MB = 800 MB -> 240 us.
+// Memory bound; a kernel that kept a problem's exp(-C/eps) in shared memory (256 KB does not fit 227 KB) or split it
+// over a cluster would approach the 60 us floor. The backward (history + 2 passes per iteration) is ~2x the forward.
 #include "common/cuda_utils.cuh"
 #include "sinkhorn/sinkhorn.h"
 #include "sinkhorn/sinkhorn_cuda.h"

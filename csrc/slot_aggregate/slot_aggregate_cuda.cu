@@ -6,12 +6,13 @@
 // demands identical bits). The per-slot sums go through a global workspace (B*G*P values) rather than dynamic
 // shared memory, so any P runs without the 48 KB opt-in.
 //
-// Roofline at SMTC's stage-2 shape on an H100 (B*T = 128 frames, G = S = 16 groups, P = 4, N = 256, float32):
-// forward reads logits + mask and writes attn: 128*16*(4*256*2 + 256)*4 B = 18.9 MB -> 5.6 us at 3.35 TB/s;
-// ~40 flops per element (3 column passes with an exp each) = 21 MFLOP: memory bound. The backward reads logits,
-// mask, attn, gw and writes gw: 4 * 8.4 MB + 2 MB = 35.6 MB -> 10.6 us. Columns re-read from L1/L2 (P rows of a
-// tile are 4 KB) do not reach DRAM. The value contractions (updates = attn @ values, 2*128*16*4*256*384 = 0.8
-// GFLOP) are cuBLAS GEMMs.
+// Roofline at SMTC's stage-2 shape on an H100 SXM (B*T = 128 frames, G = S = 16 groups, P = 4, N = 256, float32):
+// the forward reads logits + mask and writes attn: 128*16*(4*256*2 + 256)*4 B = 18.9 MB -> 5.6 us at 3.35 TB/s;
+// it takes 4 exps per element (column statistics recomputed in both passes) = 16.8 M exps at 16 per SM per clock
+// (132 SMs, 1.75 GHz) = 4.5 us: memory bound, with the SFU close behind. The backward reads logits, mask, attn, gw
+// and writes gw: 4 * 8.4 MB + 2 MB = 35.6 MB -> 10.6 us. Columns re-read within a block come from L1/L2. The value
+// contractions are cuBLAS GEMMs: updates = attn @ values is 2*128*64*256*384 = 1.6 GFLOP over 71 MB (attn 8.4,
+// values 50, updates 12.6): 21 us of memory, 24 us of FP32 arithmetic.
 #include "common/cuda_utils.cuh"
 #include "slot_aggregate/slot_aggregate.h"
 #include "slot_aggregate/slot_aggregate_cuda.h"

@@ -47,6 +47,8 @@ def _register(ns):
 
     @torch.library.register_fake(f"{ns}::_correlation_backward")
     def _correlation_backward_fake(grad, a, b):
+        _check(a, b)
+        check_same("grad", grad, "a", a)
         return torch.empty_like(a), torch.empty_like(b)
 
     def _setup_context(ctx, inputs, output):

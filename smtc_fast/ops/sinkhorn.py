@@ -109,6 +109,9 @@ def _register(ns):
 
     @torch.library.register_fake(f"{ns}::_sinkhorn_backward")
     def _sinkhorn_backward_fake(grad_plan, grad_f, grad_g, cost, log_mu, log_nu, eps, iters, tol):
+        _check(cost, log_mu, log_nu, eps, iters, tol)
+        for name, t in (("grad_plan", grad_plan), ("grad_f", grad_f), ("grad_g", grad_g)):
+            check_same(name, t, "cost", cost)
         return torch.empty_like(cost)
 
     def _setup_context(ctx, inputs, output):
