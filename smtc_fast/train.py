@@ -317,8 +317,8 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
 
     model = student
     if world > 1:
-        # find_unused_parameters: slots_sigma never gets a gradient (spec §1.5), nor do the last block's
-        # proj/mlp and the final norm, which the training forward does not run.
+        # find_unused_parameters: slots_sigma gets no gradient with sigma_grad="none" (spec §1.5), nor do the last
+        # block's proj/mlp and the final norm, which the training forward does not run.
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
@@ -523,10 +523,12 @@ _MODEL_HELP.update({
     "num_slots": "semantic slots S", "num_instances": "instance slots per semantic slot P (<= 6)",
     "iters": "slot-attention iterations (3 in training, 5 in the official discovery eval)",
     "mlp_slot_hidden": "hidden width of mlp_slot (default 2 * D)",
+    "sigma_grad": "slots_sigma's gradient from the stage-2 sample: 'zero' (official: a zero tensor, so AdamW's "
+                  "weight decay shrinks log sigma) or 'none' (no gradient: sigma stays at its initialisation)",
 })
 _CHOICES = {"marginals": ["norm", "uniform"], "cost": ["one_minus_cos", "neg_cos"], "obj_variant": ["cos", "l2"],
             "device": ["auto", "cpu", "cuda"], "stage2_mask": ["logits", "prob", "soft"],
-            "slot_update": ["residual", "gru"]}
+            "slot_update": ["residual", "gru"], "sigma_grad": ["zero", "none"]}
 
 
 def add_arguments(parser):

@@ -36,6 +36,7 @@ class SMTCConfig:
     stage2_mask: str = "logits"               # "logits" (official, tau 0.3) | "prob" (paper Eq. 7, tau 0.5) | "soft"
     tau: Optional[float] = None               # None -> 0.3 for "logits", 0.5 for "prob"
     slot_update: str = "residual"             # "residual" (official) | "gru" (paper Eq. 6)
+    sigma_grad: str = "zero"                  # "zero" (official: AdamW's decay shrinks log sigma) | "none" (frozen)
     mlp_slot_hidden: Optional[int] = None     # None -> 2 * D (768 for ViT-S)
 
     def __post_init__(self):
@@ -100,7 +101,8 @@ class SMTC(nn.Module):
         self.transport_proj = nn.Conv1d(self.train_grid[0] * self.train_grid[1], D, kernel_size=1)
         tau = config.tau if config.tau is not None else (0.5 if config.stage2_mask == "prob" else 0.3)
         self.slot_attention = SlotAttention(config.num_slots, config.num_instances, D, config.iters,
-                                            stage2_mask=config.stage2_mask, tau=tau, slot_update=config.slot_update)
+                                            stage2_mask=config.stage2_mask, tau=tau, slot_update=config.slot_update,
+                                            sigma_grad=config.sigma_grad)
         hidden = config.mlp_slot_hidden or 2 * D
         self.mlp_slot = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, D))
 
