@@ -61,11 +61,21 @@ def read_label(path):
     return arr
 
 
-def read_label_stack(paths, shape=None):
-    """(T, H, W) label maps; every frame must have the same size (named when it does not)."""
+def read_label_stack(paths, shape=None, workers=1):
+    """(T, H, W) label maps; every frame must have the same size (named when it does not).
+
+    workers > 1 decodes on that many threads (PIL's PNG decoder releases the GIL); an error names the first bad
+    file in frame order either way."""
+    paths = list(paths)
+    if workers is not None and workers > 1 and len(paths) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+            labels = list(pool.map(read_label, paths))  # re-raises the first failure in frame order
+    else:
+        labels = [read_label(p) for p in paths]
     out = []
-    for p in paths:
-        lab = read_label(p)
+    for p, lab in zip(paths, labels):
         if shape is None:
             shape = lab.shape
         if lab.shape != tuple(shape):
