@@ -23,12 +23,14 @@ import time
 from collections import Counter
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from smtc_fast._lazy import lazy, resolve_device
 from smtc_fast.evaluate import io as eio
 from smtc_fast.evaluate import metrics
+
+torch = lazy("torch")  # imported when a function runs: `smtc eval-discovery --help` stays fast (smtc_fast/_lazy.py)
+F = lazy("torch.nn.functional")
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # SMTC training (spec §3)
@@ -103,7 +105,6 @@ class SMTCCandidates:
         x = F.interpolate(x, size=self.resolution, mode="bilinear", align_corners=False)
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
-    @torch.no_grad()
     def frames(self, rgb):
         """Yield (t, semantic_mask (S, h, w), instance_mask (S, P, h, w), similarity (S, P), valid (S, P)) for
         every frame t of rgb (T, H, W, 3) uint8, in order, each frame once (CPU tensors)."""
@@ -113,8 +114,9 @@ class SMTCCandidates:
         for w, idx in enumerate(windows(rgb.shape[0], n, self.tail_window)):
             g = torch.Generator().manual_seed(self.seed * 100003 + w)
             noise = torch.randn(n, cfg.num_slots, cfg.num_instances, self.model.encoder.embed_dim, generator=g)
-            x = self._prepare(rgb[idx])  # one window at a time: a long FBMS video never sits in memory as floats
-            pred = self.model.predict(x[None].to(self.device), instance_noise=noise.to(self.device))
+            with torch.no_grad():  # only around the model: the caller's code between yields keeps its grad mode
+                x = self._prepare(rgb[idx])  # one window at a time: a long FBMS video never sits in memory as floats
+                pred = self.model.predict(x[None].to(self.device), instance_noise=noise.to(self.device))
             for i, t in enumerate(idx):
                 if t in done:
                     continue
@@ -371,8 +373,8 @@ def add_arguments(parser):
                              "its remaining frames then the video's last frames (eval_multi.py: [4, 5, 4, 5] for 6 "
                              "frames); last = the last --num-frames frames in order ([2, 3, 4, 5])")
     parser.add_argument("--seed", type=int, default=0, help="seed of the instance-slot noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (cuda when available)")
+    parser.add_argument("--device", default="auto", type=resolve_device,
+                        help="device: auto = cuda when available, else cpu")
     parser.add_argument("--no-overlays", action="store_true", help="skip the per-video overlay images")
 
 
