@@ -53,7 +53,11 @@ def read_label(path):
             if im.mode not in ("P", "L", "I", "I;16", "1"):
                 raise DataError(f"{path} is a {im.mode} image; label maps must be indexed ('P') or grey ('L') PNGs "
                                 f"whose values are object ids, not colours")
-            arr = np.array(im)
+            if im.mode in ("P", "L"):  # 8-bit: copy the decoded bytes (np.array(im) goes through a slower
+                im.load()               # array-interface export, as long again as the PNG decoding itself)
+                arr = np.frombuffer(bytearray(im.tobytes()), dtype=np.uint8).reshape(im.size[1], im.size[0])
+            else:
+                arr = np.array(im)
     except (OSError, SyntaxError) as e:
         raise DataError(f"corrupt or unreadable label map {path}: {e}") from e
     if arr.ndim != 2:
