@@ -90,11 +90,11 @@ def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_pr
         gt_paths, ids = gt_paths[1:-1], ids[1:-1]
     gt = eio.read_label_stack(gt_paths, shape=first.shape, workers=workers)
     if binary:
-        gt = (gt > 0).astype(np.uint8)
+        gt = (gt > 0).view(np.uint8)  # 0/1 without a copy
     pred_paths = [os.path.join(results_dir, seq, f"{i}.png") for i in ids]
     pred = eio.read_label_stack(pred_paths, shape=gt.shape[1:], workers=workers)
     if binary:
-        pred = (pred > 0).astype(np.uint8)
+        pred = (pred > 0).view(np.uint8)
     try:
         J, F = metrics.evaluate_sequence(gt, pred, task, matching, max_proposals, n_objects=n_objects,
                                          workers=workers)
