@@ -83,14 +83,15 @@ def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_pr
     workers: threads for decoding and scoring (metrics.default_workers() for all cores, up to 8)."""
     ids = [os.path.splitext(os.path.basename(p))[0] for p in gt_paths]
     first = eio.read_label(gt_paths[0])
-    if binary:
-        first = (first > 0).astype(np.uint8)
-    n_objects = int(np.where(first == 255, 0, first).max())  # §1.1: max id of the FIRST annotation
     if task == "semi-supervised":  # §1.5: first and last frame are not scored (and not read)
         gt_paths, ids = gt_paths[1:-1], ids[1:-1]
-    gt = eio.read_label_stack(gt_paths, shape=first.shape, workers=workers)
+        gt = eio.read_label_stack(gt_paths, shape=first.shape, workers=workers)
+    else:  # every frame, the first one decoded once
+        gt = np.concatenate([first[None], eio.read_label_stack(gt_paths[1:], shape=first.shape, workers=workers)])
     if binary:
+        first = (first > 0).view(np.uint8)
         gt = (gt > 0).view(np.uint8)  # 0/1 without a copy
+    n_objects = int(np.where(first == 255, 0, first).max())  # §1.1: max id of the FIRST annotation
     pred_paths = [os.path.join(results_dir, seq, f"{i}.png") for i in ids]
     pred = eio.read_label_stack(pred_paths, shape=gt.shape[1:], workers=workers)
     if binary:

@@ -71,6 +71,8 @@ def read_label_stack(paths, shape=None, workers=1):
     workers > 1 decodes on that many threads (PIL's PNG decoder releases the GIL); an error names the first bad
     file in frame order either way."""
     paths = list(paths)
+    if not paths and shape is not None:  # e.g. the scored frames of a 2-frame sequence
+        return np.zeros((0,) + tuple(shape), dtype=np.uint8)
     if workers is not None and workers > 1 and len(paths) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
