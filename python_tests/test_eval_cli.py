@@ -47,8 +47,10 @@ def test_eval_masks_semi_supervised_matches_pinned(tmp_path, capsys):
     assert "Global results for val" in out and "0.940731" in out and "blackswan_1" in out
     summary = json.load(open(res / "eval_masks-semi-supervised-val.json"))
     assert abs(summary["global"]["J&F-Mean"] - 0.940731) <= 1e-6
-    assert (res / "global_results-val.csv").read_text().splitlines()[1].startswith("0.941,0.936,1.000")
-    assert os.path.isfile(res / "per-sequence_results-val.csv")
+    # the official names plus the task (the official tool would reuse a plain global_results-val.csv for any task)
+    assert (res / "global_results-val-semi-supervised.csv").read_text().splitlines()[1].startswith("0.941,0.936,1.000")
+    assert os.path.isfile(res / "per-sequence_results-val-semi-supervised.csv")
+    assert (res / "global_results-val.csv").read_text() == "stale,from,a,previous,run\n"  # neither read nor written
 
 
 def test_eval_masks_too_many_ids_and_missing_file(tmp_path, capsys):

@@ -10,16 +10,18 @@ import json
 import statistics
 import time
 
-import torch
-import torch.nn.functional as F
+from smtc_fast._lazy import lazy, resolve_device
+
+torch = lazy("torch")  # imported when a function runs: `smtc bench --help` stays fast (smtc_fast/_lazy.py)
+F = lazy("torch.nn.functional")
 
 
 def add_arguments(parser):
     parser.add_argument("--clips", type=int, default=8, help="clips of T=4 frames (official: 32 per GPU)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per frame (256 = 16x16 at 256^2, spec §1.2)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per op (the median is reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (cuda when available)")
+    parser.add_argument("--device", default="auto", type=resolve_device,
+                        help="device: auto = cuda when available, else cpu")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
 

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
-import torch
 from PIL import Image
 
+from smtc_fast._lazy import lazy, resolve_device
 from smtc_fast.evaluate import io as eio
+
+torch = lazy("torch")  # imported when a function runs: `smtc demo --help` stays fast (smtc_fast/_lazy.py)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "davis")
 
@@ -281,8 +283,8 @@ def add_arguments(parser):
     parser.add_argument("--iters", type=int, default=5, help="slot-attention iterations at inference "
                                                               "(eval_multi.sh: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and of the instance-slot noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (cuda when available)")
+    parser.add_argument("--device", default="auto", type=resolve_device,
+                        help="device: auto = cuda when available, else cpu")
 
 
 def _check_outdir(out):

@@ -28,13 +28,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from smtc_fast.data import augment_clips, open_clips
-from smtc_fast.losses import object_loss, overlap_loss, semantic_loss, valid_instances
-from smtc_fast.models import SMTC, SMTCConfig, load_backbone, load_dino
+from smtc_fast._lazy import lazy, no_grad
+from smtc_fast.models.config import SMTCConfig
+
+# torch, the data pipeline, the losses and the model load when train() runs, not for `smtc train --help`
+# (smtc_fast/_lazy.py); each name stands for the plain import it replaces.
+torch = lazy("torch")
+dist = lazy("torch.distributed")
+F = lazy("torch.nn.functional")
+augment_clips, open_clips = lazy("smtc_fast.data", "augment_clips"), lazy("smtc_fast.data", "open_clips")
+object_loss, overlap_loss, semantic_loss, valid_instances = (
+    lazy("smtc_fast.losses", name) for name in ("object_loss", "overlap_loss", "semantic_loss", "valid_instances"))
+SMTC, load_dino = lazy("smtc_fast.models.smtc", "SMTC"), lazy("smtc_fast.models.smtc", "load_dino")
+load_backbone = lazy("smtc_fast.models.smtc", "load_backbone")
 
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
@@ -128,7 +135,7 @@ def set_lr(optimizer, cfg, step):
     return base
 
 
-@torch.no_grad()
+@no_grad
 def ema_update(teacher, student, momentum, include_encoder):
     for (name, p_t), p_s in zip(teacher.named_parameters(), student.parameters()):
         if not include_encoder and name.startswith("encoder."):
@@ -185,8 +192,9 @@ def save_checkpoint(path, student, teacher, optimizer, step, cfg, model_cfg, ext
     os.replace(tmp, path)
 
 
-class StepSampler(torch.utils.data.Sampler):
-    """Streams this rank's clip indices: step s, rank r, slot k -> s * global_batch + r * batch + k."""
+class StepSampler:
+    """Streams this rank's clip indices: step s, rank r, slot k -> s * global_batch + r * batch + k.
+    (A plain iterable with a length, all DataLoader asks of a sampler; torch.utils.data.Sampler adds nothing.)"""
 
     def __init__(self, start_step, steps, batch_size, world, rank):
         self.start_step, self.steps, self.batch_size, self.world, self.rank = start_step, steps, batch_size, world, rank
@@ -209,7 +217,7 @@ def _all_reduce_mean(values, world):
     return values
 
 
-@torch.no_grad()
+@no_grad
 def discovery_iou(model, num_clips=8, seed=12345, size=(64, 64), num_frames=4, num_objects=2, device="cpu"):
     """Object discovery on held-out synthetic clips (for the 'learning works' check and validation logging).
 
@@ -323,8 +331,8 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
 
     model = student
     if world > 1:
-        # find_unused_parameters: slots_sigma never gets a gradient (spec §1.5), nor do the last block's
-        # proj/mlp and the final norm, which the training forward does not run.
+        # find_unused_parameters: slots_sigma gets no gradient with sigma_grad="none" (spec §1.5), nor do the last
+        # block's proj/mlp and the final norm, which the training forward does not run.
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
@@ -532,10 +540,12 @@ _MODEL_HELP.update({
     "num_slots": "semantic slots S", "num_instances": "instance slots per semantic slot P (<= 6)",
     "iters": "slot-attention iterations (3 in training, 5 in the official discovery eval)",
     "mlp_slot_hidden": "hidden width of mlp_slot (default 2 * D)",
+    "sigma_grad": "slots_sigma's gradient from the stage-2 sample: 'zero' (official: a zero tensor, so AdamW's "
+                  "weight decay shrinks log sigma) or 'none' (no gradient: sigma stays at its initialisation)",
 })
 _CHOICES = {"marginals": ["norm", "uniform"], "cost": ["one_minus_cos", "neg_cos"], "obj_variant": ["cos", "l2"],
             "device": ["auto", "cpu", "cuda"], "stage2_mask": ["logits", "prob", "soft"],
-            "slot_update": ["residual", "gru"]}
+            "slot_update": ["residual", "gru"], "sigma_grad": ["zero", "none"]}
 
 
 def add_arguments(parser):

@@ -14,11 +14,13 @@ import os
 import sys
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from smtc_fast._lazy import lazy, resolve_device
 from smtc_fast.evaluate import io as eio
+
+torch = lazy("torch")  # imported when a function runs: `smtc visualize --help` stays fast (smtc_fast/_lazy.py)
+F = lazy("torch.nn.functional")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,8 +192,8 @@ def add_arguments(parser):
                                                                      "(SMTC results.py: 0.3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the instance-slot noise")
     parser.add_argument("--fps", type=float, default=8, help="GIF frame rate")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (cuda when available)")
+    parser.add_argument("--device", default="auto", type=resolve_device,
+                        help="device: auto = cuda when available, else cpu")
 
 
 def visualize_clip(model, rgb, out_dir, name, num_frames=4, iters=5, resolution=None, normalization="imagenet",

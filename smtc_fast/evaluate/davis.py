@@ -1,10 +1,13 @@
 """`smtc eval-masks`: score any method's PNG masks with the official DAVIS J&F, faster.
 
 A drop-in for davis2017-evaluation's `evaluation_method.py`: the same DAVIS layout, the same per-sequence protocol
-(design/evaluation_protocols.md §1), the same printed tables and CSV files, the same numbers (to 1e-6 on the
+(design/evaluation_protocols.md §1), the same printed tables and CSV columns, the same numbers (to 1e-6 on the
 pinned fixtures). Differences, all deliberate:
 - too many object ids is an error with exit status 2 (the official code calls sys.exit() with status 0);
-- existing CSVs are overwritten, never silently reused (the official script reuses them, gotcha §0.6);
+- the CSVs are named after the task: global_results-<set>-<task>.csv (official: global_results-<set>.csv). The
+  official script reuses a global_results-<set>.csv it finds in the results folder for ANY later run, even one
+  for the other task (gotcha §0.6); with the task in our names neither tool ever reads the other's numbers.
+  We overwrite ours every run and never read a CSV;
 - `--matching per-frame` gives the SMTC repository's lenient unsupervised protocol (§1.8), clearly labelled;
 - a JSON with full-precision global / per-object / per-frame values and an overlay image per sequence.
 
@@ -16,7 +19,6 @@ import sys
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from smtc_fast.evaluate import io as eio
 from smtc_fast.evaluate import metrics
@@ -48,6 +50,10 @@ def add_arguments(parser):
                         help="full-precision JSON summary (unset: <results>/eval_masks-<task>-<set>.json)")
     parser.add_argument("--overlays", default=None,
                         help="folder for one overlay per sequence (unset: <results>/overlays; '' = none)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the CSVs and the JSON (unset: <results>, as the official tool)")
+    parser.add_argument("--workers", type=int, default=metrics.default_workers(),
+                        help="threads that decode PNGs and score frames (the numbers do not depend on it)")
 
 
 def sequence_list(davis_root, task, subset, binary=False):
@@ -71,36 +77,47 @@ def annotation_dir(davis_root, task, resolution="480p"):
     return path
 
 
-def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_proposals=None, binary=False):
-    """Read one sequence's GT and predictions and score it. Returns (J (K, T), F (K, T), frame ids, gt, pred)."""
+def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_proposals=None, binary=False,
+                   workers=1):
+    """Read one sequence's GT and predictions and score it. Returns (J (K, T), F (K, T), frame ids, gt, pred).
+    workers: threads for decoding and scoring (metrics.default_workers() for all cores, up to 8)."""
     ids = [os.path.splitext(os.path.basename(p))[0] for p in gt_paths]
-    gt = eio.read_label_stack(gt_paths)
+    first = eio.read_label(gt_paths[0])
+    if task == "semi-supervised":  # §1.5: first and last frame are not scored (and not read)
+        gt_paths, ids = gt_paths[1:-1], ids[1:-1]
+        gt = eio.read_label_stack(gt_paths, shape=first.shape, workers=workers)
+    else:  # every frame, the first one decoded once
+        gt = np.concatenate([first[None], eio.read_label_stack(gt_paths[1:], shape=first.shape, workers=workers)])
     if binary:
-        gt = (gt > 0).astype(np.uint8)
-    n_objects = int(np.where(gt[0] == 255, 0, gt[0]).max())  # §1.1: max id of the FIRST annotation
-    if task == "semi-supervised":  # §1.5: first and last frame are not scored
-        gt, ids = gt[1:-1], ids[1:-1]
+        first = (first > 0).view(np.uint8)
+        gt = (gt > 0).view(np.uint8)  # 0/1 without a copy
+    n_objects = int(np.where(first == 255, 0, first).max())  # §1.1: max id of the FIRST annotation
     pred_paths = [os.path.join(results_dir, seq, f"{i}.png") for i in ids]
-    pred = eio.read_label_stack(pred_paths, shape=gt.shape[1:])
+    pred = eio.read_label_stack(pred_paths, shape=gt.shape[1:], workers=workers)
     if binary:
-        pred = (pred > 0).astype(np.uint8)
+        pred = (pred > 0).view(np.uint8)
     try:
-        J, F = metrics.evaluate_sequence(gt, pred, task, matching, max_proposals, n_objects=n_objects)
+        J, F = metrics.evaluate_sequence(gt, pred, task, matching, max_proposals, n_objects=n_objects,
+                                         workers=workers)
     except metrics.TooManyObjectsError as e:
         raise metrics.TooManyObjectsError(f"{os.path.join(results_dir, seq)}: {e}") from None
     return J, F, ids, gt, pred
 
 
 def evaluate_davis(davis_root, results_dir, task, matching="official", subset="val", sequences=None,
-                   max_proposals=None, binary=False, resolution="480p", overlays_dir=None, progress=True):
+                   max_proposals=None, binary=False, resolution="480p", overlays_dir=None, progress=True,
+                   workers=1):
     """Score a results folder; returns the summary dict (also what --json writes)."""
+    from tqdm import tqdm
+
     ann_root = annotation_dir(davis_root, task, resolution)
     seqs = sequences if sequences else sequence_list(davis_root, task, subset, binary)
     per_object = {}
     per_frame = {}
     for seq in tqdm(seqs, desc="sequences", disable=not progress):
         gt_paths = eio.list_frames(os.path.join(ann_root, seq), exts=(".png",))
-        J, F, ids, gt, pred = score_sequence(gt_paths, results_dir, seq, task, matching, max_proposals, binary)
+        J, F, ids, gt, pred = score_sequence(gt_paths, results_dir, seq, task, matching, max_proposals, binary,
+                                             workers)
         for k in range(J.shape[0]):  # official keys seq_1..seq_K (for unsupervised: in proposal order, §1.6)
             per_object[f"{seq}_{k + 1}"] = (J[k], F[k])
             per_frame[f"{seq}_{k + 1}"] = {"frames": ids, "J": J[k].tolist(), "F": F[k].tolist()}
@@ -136,12 +153,25 @@ def print_tables(summary, subset, elapsed=None, file=None):
         print(f"\nTotal time:{elapsed}", file=file)
 
 
-def write_outputs(summary, results_dir, subset, json_path):
-    """Official CSV names and %.3f (overwritten every run), plus our full-precision JSON and CSV."""
+def task_tag(task, matching="official"):
+    """The protocol in a file name: 'semi-supervised', 'unsupervised' or 'unsupervised-per-frame'."""
+    return task if task == "semi-supervised" or matching == "official" else f"{task}-{matching}"
+
+
+def csv_paths(out_dir, subset, task, matching="official"):
+    """The official CSV names with the protocol added, so neither tool reuses the other's numbers (module doc)."""
+    tag = task_tag(task, matching)
+    return (os.path.join(out_dir, f"global_results-{subset}-{tag}.csv"),
+            os.path.join(out_dir, f"per-sequence_results-{subset}-{tag}.csv"))
+
+
+def write_outputs(summary, out_dir, subset, json_path):
+    """The official tables and %.3f under task-named CSVs (overwritten every run), our full-precision JSON and CSV."""
     g = summary["global"]
-    eio.write_csv(os.path.join(results_dir, f"global_results-{subset}.csv"), [g], float_format="%.3f")
+    global_csv, per_seq_csv = csv_paths(out_dir, subset, summary["task"], summary["matching"] or "official")
+    eio.write_csv(global_csv, [g], float_format="%.3f")
     rows = [{"Sequence": k, "J-Mean": v["J-Mean"], "F-Mean": v["F-Mean"]} for k, v in summary["per_object"].items()]
-    eio.write_csv(os.path.join(results_dir, f"per-sequence_results-{subset}.csv"), rows, float_format="%.3f")
+    eio.write_csv(per_seq_csv, rows, float_format="%.3f")
     full = [{"object": k, **v} for k, v in summary["per_object"].items()]
     eio.write_csv(os.path.splitext(json_path)[0] + "-per_object.csv", full)
     eio.write_json(json_path, summary)
@@ -152,15 +182,24 @@ def run(args):
     print(f"Evaluating sequences for the {args.task} task"
           + (f" ({args.matching} matching)" if args.task == "unsupervised" else "") + "...")
     overlays = os.path.join(args.results, "overlays") if args.overlays is None else args.overlays
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     try:
         summary = evaluate_davis(args.davis_root, args.results, args.task, args.matching, args.set,
-                                 args.sequences, args.max_proposals, args.binary, args.resolution, overlays)
+                                 args.sequences, args.max_proposals, args.binary, args.resolution, overlays,
+                                 workers=args.workers)
     except (eio.DataError, metrics.TooManyObjectsError) as e:
         print(f"smtc eval-masks: error: {e}", file=sys.stderr)
         return 2
-    json_path = args.json or os.path.join(args.results, f"eval_masks-{args.task}-{args.set}.json")
+    out_dir = args.out or args.results
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = args.json or os.path.join(out_dir, f"eval_masks-{task_tag(args.task, args.matching)}-{args.set}.json")
     summary["seconds"] = time.time() - t0
-    write_outputs(summary, args.results, args.set, json_path)
+    write_outputs(summary, out_dir, args.set, json_path)
     print_tables(summary, args.set, time.time() - t0)
-    print(f"\nwrote {json_path}")
+    official_cache = os.path.join(args.results, f"global_results-{args.set}.csv")
+    if os.path.isfile(official_cache):
+        print(f"\nnote: {official_cache} (the official tool's cache, which it reuses for any task) was not read")
+    csvs = csv_paths(out_dir, args.set, args.task, args.matching)
+    print(f"\nwrote {json_path}, {csvs[0]} and {csvs[1]}")
     return 0

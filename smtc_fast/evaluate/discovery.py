@@ -23,12 +23,14 @@ import time
 from collections import Counter
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from smtc_fast._lazy import lazy, resolve_device
 from smtc_fast.evaluate import io as eio
 from smtc_fast.evaluate import metrics
+
+torch = lazy("torch")  # imported when a function runs: `smtc eval-discovery --help` stays fast (smtc_fast/_lazy.py)
+F = lazy("torch.nn.functional")
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # SMTC training (spec §3)
@@ -43,24 +45,59 @@ DAVIS2016_VAL = ["blackswan", "bmx-trees", "breakdance", "camel", "car-roundabou
 # ---------------------------------------------------------------------------------------------------------------
 # candidates
 
+TAIL_WINDOWS = ("official", "last")
+
+
+def windows(T, n, tail="official"):
+    """Frame indices of each window the model sees for a video of T frames, windows of n frames.
+
+    Full windows [0..n-1], [n..2n-1], ... When T is not a multiple of n, the b = T mod n remaining frames make a
+    last window, padded to n frames:
+      "official" (eval_multi.py, spec §4.2): the b remaining frames followed by the video's last n - b frames, e.g.
+                 T=6, n=4 -> [0, 1, 2, 3], [4, 5, 4, 5]; T=7 -> [4, 5, 6, 6]; T=5 -> [4, 2, 3, 4]. The window's
+                 first frame therefore takes frame T-1 (or itself) as its cyclic correlation reference.
+      "last"     ours: the last n frames in order, [2, 3, 4, 5] for T=6, so every frame's reference is the frame
+                 before it (the two differ in the candidates of the tail window's first frame).
+    A video shorter than one window (T < n) gets one window: "official" = its T frames followed by its last n - T
+    frames ([0, 1, 0, 1] for T=2, n=4); when n - T > T the official slice returns only T of them, a shorter window
+    (T=1, n=4: [0, 0]), and we repeat them cyclically to keep n frames ([0, 0, 0, 0]); "last" = its frames with
+    the last one repeated ([0, 1, 1, 1]).
+    """
+    if T < 1 or n < 1:
+        raise ValueError(f"windows needs T >= 1 frames and n >= 1 frames per window, got T={T}, n={n}")
+    if tail not in TAIL_WINDOWS:
+        raise ValueError(f"tail must be one of {TAIL_WINDOWS}, got {tail!r}")
+    out = [list(range(s, s + n)) for s in range(0, T - n + 1, n)]
+    b = T - n * len(out)  # frames not in a full window
+    if b:
+        if tail == "official":
+            out.append(list(range(T - b, T)) + [(max(T - (n - b), 0) + i) % T for i in range(n - b)])
+        else:
+            out.append([min(max(T - n, 0) + i, T - 1) for i in range(n)])
+    return out
+
 class SMTCCandidates:
     """Mask producer from an SMTC model: rgb (T, H, W, 3) uint8 -> per frame (masks (n, h, w) float, keys [(s, p)]).
 
     Frames go through the model in non-overlapping windows of `num_frames` (the correlation pairs frames inside a
-    window, cyclically); the last window is the video's last `num_frames` frames and only its new frames are kept
-    (eval_multi.py). Input resized (bilinear) to `resolution`.
+    window, cyclically); see `windows` for the last window of a video whose length is not a multiple of
+    `num_frames` (`tail_window`: "official" = eval_multi.py's, "last" = ours). Every frame is yielded once, from
+    the first window that holds it. Input resized (bilinear) to `resolution`.
     """
 
     def __init__(self, model, num_frames=4, iters=5, resolution=(480, 800), normalization="imagenet", seed=0,
-                 candidates="similarity", sim_thresh=0.5, device="cpu"):
+                 candidates="similarity", sim_thresh=0.5, device="cpu", tail_window="official"):
         if candidates not in ("similarity", "valid"):
             raise ValueError(f"candidates must be 'similarity' or 'valid', got {candidates!r}")
+        if tail_window not in TAIL_WINDOWS:
+            raise ValueError(f"tail_window must be one of {TAIL_WINDOWS}, got {tail_window!r}")
         self.model = model.eval().to(device)
         if iters is not None:
             self.model.slot_attention.iters = int(iters)  # eval_multi.sh runs 5 iterations (training: 3)
         self.num_frames, self.resolution, self.seed = num_frames, tuple(resolution), seed
         self.mean, self.std = NORMALIZATION[normalization]
         self.candidates, self.sim_thresh, self.device = candidates, sim_thresh, device
+        self.tail_window = tail_window
 
     def _prepare(self, rgb):
         """(n, H, W, 3) uint8 -> (n, 3, h, w) resized (bilinear) and normalised."""
@@ -68,23 +105,18 @@ class SMTCCandidates:
         x = F.interpolate(x, size=self.resolution, mode="bilinear", align_corners=False)
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
-    @torch.no_grad()
     def frames(self, rgb):
         """Yield (t, semantic_mask (S, h, w), instance_mask (S, P, h, w), similarity (S, P), valid (S, P)) for
         every frame t of rgb (T, H, W, 3) uint8, in order, each frame once (CPU tensors)."""
-        T = rgb.shape[0]
-        n = self.num_frames
-        starts = list(range(0, max(T - n, 0) + 1, n))
-        if starts[-1] + n < T:
-            starts.append(T - n)
         done = set()
         cfg = self.model.config
-        for w, s in enumerate(starts):
-            idx = [min(max(s, 0) + i, T - 1) for i in range(n)]  # a video shorter than a window repeats its end
+        n = self.num_frames
+        for w, idx in enumerate(windows(rgb.shape[0], n, self.tail_window)):
             g = torch.Generator().manual_seed(self.seed * 100003 + w)
             noise = torch.randn(n, cfg.num_slots, cfg.num_instances, self.model.encoder.embed_dim, generator=g)
-            x = self._prepare(rgb[idx])  # one window at a time: a long FBMS video never sits in memory as floats
-            pred = self.model.predict(x[None].to(self.device), instance_noise=noise.to(self.device))
+            with torch.no_grad():  # only around the model: the caller's code between yields keeps its grad mode
+                x = self._prepare(rgb[idx])  # one window at a time: a long FBMS video never sits in memory as floats
+                pred = self.model.predict(x[None].to(self.device), instance_noise=noise.to(self.device))
             for i, t in enumerate(idx):
                 if t in done:
                     continue
@@ -336,9 +368,13 @@ def add_arguments(parser):
                              "validity filter (similarity and area)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="binarisation after min-max (unset: 0.3 multi-object, SMTC results.py; 0.5 single)")
+    parser.add_argument("--tail-window", default="official", choices=list(TAIL_WINDOWS),
+                        help="last window of a video whose length is not a multiple of --num-frames: official = "
+                             "its remaining frames then the video's last frames (eval_multi.py: [4, 5, 4, 5] for 6 "
+                             "frames); last = the last --num-frames frames in order ([2, 3, 4, 5])")
     parser.add_argument("--seed", type=int, default=0, help="seed of the instance-slot noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (cuda when available)")
+    parser.add_argument("--device", default="auto", type=resolve_device,
+                        help="device: auto = cuda when available, else cpu")
     parser.add_argument("--no-overlays", action="store_true", help="skip the per-video overlay images")
 
 
@@ -351,7 +387,7 @@ def run(args):
     print(f"loaded {kind} checkpoint {args.checkpoint}; iters {args.iters}, input {tuple(args.resolution)}, "
           f"{args.normalization} normalisation, seed {args.seed}")
     producer = SMTCCandidates(model, args.num_frames, args.iters, args.resolution, args.normalization, args.seed,
-                              args.candidates, device=args.device)
+                              args.candidates, device=args.device, tail_window=args.tail_window)
     os.makedirs(args.out, exist_ok=True)
     try:
         if args.dataset == "davis2017":

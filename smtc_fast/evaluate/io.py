@@ -53,7 +53,11 @@ def read_label(path):
             if im.mode not in ("P", "L", "I", "I;16", "1"):
                 raise DataError(f"{path} is a {im.mode} image; label maps must be indexed ('P') or grey ('L') PNGs "
                                 f"whose values are object ids, not colours")
-            arr = np.array(im)
+            if im.mode in ("P", "L"):  # 8-bit: copy the decoded bytes (np.array(im) goes through a slower
+                im.load()               # array-interface export, as long again as the PNG decoding itself)
+                arr = np.frombuffer(bytearray(im.tobytes()), dtype=np.uint8).reshape(im.size[1], im.size[0])
+            else:
+                arr = np.array(im)
     except (OSError, SyntaxError) as e:
         raise DataError(f"corrupt or unreadable label map {path}: {e}") from e
     if arr.ndim != 2:
@@ -61,11 +65,23 @@ def read_label(path):
     return arr
 
 
-def read_label_stack(paths, shape=None):
-    """(T, H, W) label maps; every frame must have the same size (named when it does not)."""
+def read_label_stack(paths, shape=None, workers=1):
+    """(T, H, W) label maps; every frame must have the same size (named when it does not).
+
+    workers > 1 decodes on that many threads (PIL's PNG decoder releases the GIL); an error names the first bad
+    file in frame order either way."""
+    paths = list(paths)
+    if not paths and shape is not None:  # e.g. the scored frames of a 2-frame sequence
+        return np.zeros((0,) + tuple(shape), dtype=np.uint8)
+    if workers is not None and workers > 1 and len(paths) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+            labels = list(pool.map(read_label, paths))  # re-raises the first failure in frame order
+    else:
+        labels = [read_label(p) for p in paths]
     out = []
-    for p in paths:
-        lab = read_label(p)
+    for p, lab in zip(paths, labels):
         if shape is None:
             shape = lab.shape
         if lab.shape != tuple(shape):

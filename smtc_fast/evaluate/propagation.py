@@ -23,12 +23,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from smtc_fast._lazy import lazy, no_grad, resolve_device
 from smtc_fast.evaluate import io as eio
 from smtc_fast.evaluate import metrics
+
+torch = lazy("torch")  # imported when a function runs: `smtc eval-prop --help` stays fast (smtc_fast/_lazy.py)
+F = lazy("torch.nn.functional")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # CRW vos.py / SMTC eval_prop (§2.1)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -242,7 +244,7 @@ class ViTTokens:
         self.model = model.eval()
         self.batch_size = batch_size
 
-    @torch.no_grad()
+    @no_grad
     def __call__(self, images):  # (B, 3, H, W) -> (B, D, h, w)
         from smtc_fast.models import vit_forward
 
@@ -650,8 +652,8 @@ def add_arguments(parser):
                              "jhmdb 320, vip 560)")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per feature batch (official: 16)")
     parser.add_argument("--chunk", type=int, default=1024, help="queries per affinity chunk (memory only)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (cuda when available)")
+    parser.add_argument("--device", default="auto", type=resolve_device,
+                        help="device: auto = cuda when available, else cpu")
     parser.add_argument("--max-videos", type=int, default=None, help="JHMDB: only the first N videos")
     parser.add_argument("--kernel", default="fused", choices=["dense", "fused"],
                         help="propagation step: fused (default) = the smtc_fast.ops.propagate_labels operator "

@@ -12,6 +12,29 @@ from smtc_fast.ops import slot_aggregate
 
 STAGE2_MASKS = ("logits", "prob", "soft")
 SLOT_UPDATES = ("residual", "gru")
+SIGMA_GRADS = ("zero", "none")
+
+
+class _NonReparameterisedNormal(torch.autograd.Function):
+    """init = mu + exp(log_sigma) * noise with torch.normal's derivative: zero for both mu and log_sigma.
+
+    The official stage-2 init is `torch.normal(mu, exp(log_sigma))` (spec §1.3), which autograd differentiates as
+    zero. So after a backward that reaches the instance slots, `slots_sigma.grad` is a zero *tensor*, not None, and
+    AdamW's decoupled weight decay still shrinks log sigma every step (p -= lr * wd * p; spec §1.5-1.6)."""
+
+    @staticmethod
+    def forward(mu, log_sigma, noise):
+        return mu + log_sigma.exp() * noise
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mu, log_sigma, _ = inputs
+        ctx.mu_meta, ctx.sigma_meta = (mu.shape, mu.dtype), (log_sigma.shape, log_sigma.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = ctx.mu_meta, ctx.sigma_meta
+        return grad.new_zeros(mu_shape, dtype=mu_dtype), grad.new_zeros(sigma_shape, dtype=sigma_dtype), None
 
 
 class SlotAttention(nn.Module):
@@ -22,23 +45,32 @@ class SlotAttention(nn.Module):
         "prob"    paper Eq. 7: M = (softmax_S(stage-1 logits) > tau), tau 0.5
         "soft"    first release (spec §2.5): M = softmax_S(stage-1 logits), no threshold
     slot_update: "residual" (official: s + attn.v, then + MLP) or "gru" (paper Eq. 6: GRU(updates, s), then + MLP)
+    sigma_grad: what the non-reparameterised stage-2 sample gives slots_sigma (and slots_mu) in backward
+        "zero"    official: a zero gradient tensor, so AdamW's decoupled weight decay shrinks log sigma every step
+                  (about -1.1 % of log sigma over the 10k-step recipe at lr 2e-5, wd 0.1)
+        "none"    no gradient (the sample is built under no_grad): the optimiser skips slots_sigma and it stays
+                  exactly at its initialisation, which is what "sigma is never trained" (spec §1.5) intends
     """
 
     def __init__(self, num_slots=16, num_instances=4, dim=384, iters=3, eps=1e-8, stage2_mask="logits", tau=0.3,
-                 slot_update="residual"):
+                 slot_update="residual", sigma_grad="zero"):
         super().__init__()
         if stage2_mask not in STAGE2_MASKS:
             raise ValueError(f"stage2_mask must be one of {STAGE2_MASKS}, got {stage2_mask!r}")
         if slot_update not in SLOT_UPDATES:
             raise ValueError(f"slot_update must be one of {SLOT_UPDATES}, got {slot_update!r}")
+        if sigma_grad not in SIGMA_GRADS:
+            raise ValueError(f"sigma_grad must be one of {SIGMA_GRADS}, got {sigma_grad!r}")
         if iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
         self.num_slots, self.num_instances, self.dim, self.iters, self.eps = num_slots, num_instances, dim, iters, eps
         self.stage2_mask, self.tau, self.slot_update = stage2_mask, tau, slot_update
+        self.sigma_grad = sigma_grad
         self.scale = dim ** -0.5
 
         # Gaussian per semantic slot (spec §1.3): mu ~ N(0, 1); slots_sigma holds log(sigma), xavier-uniform init
-        # (so sigma ~ 0.97-1.03). Sampling is not reparameterised, hence sigma never trains (spec §1.5).
+        # (so sigma ~ 0.97-1.03). Sampling is not reparameterised, hence sigma gets no signal from the losses
+        # (spec §1.5); with sigma_grad="zero" (official) weight decay still moves it.
         self.slots_mu = nn.Parameter(torch.randn(1, num_slots, 1, dim))
         self.slots_sigma = nn.Parameter(torch.zeros(1, num_slots, 1, dim))
         nn.init.xavier_uniform_(self.slots_sigma)
@@ -100,14 +132,18 @@ class SlotAttention(nn.Module):
         semantic_slots = slots
 
         # Stage 2: P Gaussian samples per semantic slot, independent per frame. Not reparameterised (spec §1.3:
-        # torch.normal), so the init carries no gradient to mu or sigma.
+        # torch.normal), so the init carries no gradient to mu or sigma: a zero one (official) or none at all.
         if instance_noise is None:
             instance_noise = torch.randn(B, S, P, D, device=inputs.device, dtype=inputs.dtype)
         elif tuple(instance_noise.shape) != (B, S, P, D):
             raise ValueError(f"instance_noise must have shape (B*T, S, P, D) = {(B, S, P, D)}, "
                              f"got {tuple(instance_noise.shape)}")
-        with torch.no_grad():
-            init = (self.slots_mu + self.slots_sigma.exp() * instance_noise.to(inputs.dtype)).detach()
+        noise = instance_noise.to(inputs.dtype)
+        if self.sigma_grad == "zero":
+            init = _NonReparameterisedNormal.apply(self.slots_mu, self.slots_sigma, noise)
+        else:
+            with torch.no_grad():
+                init = (self.slots_mu + self.slots_sigma.exp() * noise).detach()
         mask = self.semantic_mask(sem_logits)  # (B, S, N)
         slots = init
         for t in range(self.iters):

@@ -6,7 +6,6 @@
     slots = SlotAttention(X_t)                                   semantic (S) and instance (S x P) slots (§1.3)
     proj  = L2norm(mlp_slot(instance slots))                     the L_obj embedding (§1.4)
 """
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -17,46 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smtc_fast.models.backbone import ResNetBackbone, create_vit, load_backbone_weights, vit_forward
+from smtc_fast.models.config import SMTCConfig  # lives in a torch-free module (`smtc train --help`)
 from smtc_fast.models.slot_attention import SlotAttention
 from smtc_fast.ops import correlation
-
-
-@dataclass
-class SMTCConfig:
-    """Model configuration. Defaults = the released checkpoint's model (spec §1, §6)."""
-    backbone: str = "vit_small_patch16_224"  # any timm ViT name (DINO/DeiT/AugReg/DINOv2 +-reg/DINOv3, backbone.py),
-                                              # or "resnet50" (stride 8, paper Table 4)
-    patch_size: Optional[int] = None          # timm overrides for small test/demo models (None = the model's own)
-    depth: Optional[int] = None
-    img_size: Optional[int] = None            # the pretrained pos-embed grid = img_size / patch_size
-    drop_path_rate: float = 0.1               # DINO's default, active in the student only (spec §1.1)
-    resolution: Tuple[int, int] = (256, 256)  # training resolution: fixes transport_proj's in-dim (spec §1.2)
-    num_slots: int = 16
-    num_instances: int = 4
-    iters: int = 3                            # 3 in training, 5 in the official discovery evaluation
-    stage2_mask: str = "logits"               # "logits" (official, tau 0.3) | "prob" (paper Eq. 7, tau 0.5) | "soft"
-    tau: Optional[float] = None               # None -> 0.3 for "logits", 0.5 for "prob"
-    slot_update: str = "residual"             # "residual" (official) | "gru" (paper Eq. 6)
-    mlp_slot_hidden: Optional[int] = None     # None -> 2 * D (768 for ViT-S)
-
-    def __post_init__(self):
-        self.resolution = tuple(int(r) for r in self.resolution)
-        if len(self.resolution) != 2 or min(self.resolution) <= 0:
-            raise ValueError(f"resolution must be (H, W) > 0, got {self.resolution}")
-        for name in ("num_slots", "num_instances", "iters"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown SMTCConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass
@@ -101,7 +63,8 @@ class SMTC(nn.Module):
         self.transport_proj = nn.Conv1d(self.train_grid[0] * self.train_grid[1], D, kernel_size=1)
         tau = config.tau if config.tau is not None else (0.5 if config.stage2_mask == "prob" else 0.3)
         self.slot_attention = SlotAttention(config.num_slots, config.num_instances, D, config.iters,
-                                            stage2_mask=config.stage2_mask, tau=tau, slot_update=config.slot_update)
+                                            stage2_mask=config.stage2_mask, tau=tau, slot_update=config.slot_update,
+                                            sigma_grad=config.sigma_grad)
         hidden = config.mlp_slot_hidden or 2 * D
         self.mlp_slot = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, D))
 

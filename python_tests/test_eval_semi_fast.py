@@ -1,0 +1,152 @@
+"""The fast semi-supervised DAVIS scorer (issue 16 part 3) against the official-style reference
+(metrics_reference: a full disk dilation of both boundaries for every object and frame), the pinned official values,
+thread-count independence, and the task-named CSVs of `smtc eval-masks`."""
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smtc_fast.cli import main
+from smtc_fast.evaluate import io as eio
+from smtc_fast.evaluate import metrics as M
+from smtc_fast.evaluate import metrics_reference as R
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+PRED = os.path.join(DATA, "davis2017_predictions")
+
+
+def _labels(folder):
+    files = sorted(glob.glob(os.path.join(folder, "*.png")))
+    assert files, folder
+    return np.stack([np.array(Image.open(f)) for f in files])
+
+
+def _brute_near(q, b, r):
+    """sum(q * dilate(b, disk(r))) with the reference's scipy dilation."""
+    return int(np.count_nonzero(q & R.dilate(b, R._disk(r))))
+
+
+@pytest.mark.parametrize("h,w,r", [(37, 53, 3), (64, 64, 8), (1, 9, 2), (9, 1, 2), (120, 200, 8), (50, 70, 11)])
+def test_near_counts_equal_dilation(h, w, r):
+    rng = np.random.default_rng(h * 100 + w + r)
+    for density in (0.002, 0.02, 0.2):
+        q = rng.random((h, w)) < density
+        b = rng.random((h, w)) < density
+        qy, qx = np.nonzero(q)
+        by, bx = np.nonzero(b)
+        assert M.near_counts(qy, qx, by, bx, r) == _brute_near(q, b, r)
+        # unsorted B and far-off queries (outside B's box): same answer
+        perm = rng.permutation(by.size)
+        assert M.near_counts(qy, qx, by[perm], bx[perm], r) == _brute_near(q, b, r)
+    one = np.zeros((h, w), bool)
+    one[h // 2, w // 2] = True
+    assert M.near_counts(*np.nonzero(one), *np.nonzero(np.zeros((h, w), bool)), r) == 0
+
+
+def test_near_counts_disk_edge():
+    # a B pixel at distance exactly r counts, sqrt(r^2 + 1) does not (the disk of skimage / cv2, protocol §1.3)
+    b = (np.array([50]), np.array([50]))
+    for r in (1, 4, 8, 13):
+        for dy in range(-r - 1, r + 2):
+            for dx in range(-r - 1, r + 2):
+                got = M.near_counts(np.array([50 + dy]), np.array([50 + dx]), *b, r)
+                assert got == int(dy * dy + dx * dx <= r * r), (r, dy, dx)
+
+
+def test_seg2bmap_equals_reference():
+    rng = np.random.default_rng(3)
+    for h, w in ((1, 1), (1, 7), (7, 1), (31, 45)):
+        for _ in range(5):
+            seg = rng.random((h, w)) < 0.5
+            np.testing.assert_array_equal(M.seg2bmap(seg), R._seg2bmap(seg))
+
+
+def _multi_object_case(seq):
+    """DAVIS-2017 multi-object semi-supervised case from real outputs: "GT" = OSVOS (2-3 objects), prediction =
+    RVOS with ids above the object count dropped (both 854x480, indexed PNGs)."""
+    gt = _labels(os.path.join(PRED, "osvos_semi", seq))
+    pred = _labels(os.path.join(PRED, "rvos_unsup", seq))
+    n = int(gt[0].max())
+    pred = np.where(pred <= n, pred, 0).astype(np.uint8)
+    return gt[1:-1], pred[1:-1], n
+
+
+@pytest.mark.parametrize("seq", ["judo"])
+def test_multi_object_semisupervised_equals_reference(seq):
+    gt, pred, n = _multi_object_case(seq)
+    gt, pred = gt[::3], pred[::3]  # a third of the frames keeps the reference's full dilations quick
+    J, F = M.evaluate_sequence(gt, pred, "semi-supervised", n_objects=n)
+    Jr, Fr = R.evaluate_semisupervised(M.labels_to_onehot(gt, n), M.labels_to_onehot(pred, n))
+    np.testing.assert_allclose(J, Jr, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(F, Fr, rtol=0, atol=1e-15)
+    J2, F2 = M.evaluate_sequence(gt, pred, "semi-supervised", n_objects=n, workers=3)
+    np.testing.assert_array_equal(J, J2)
+    np.testing.assert_array_equal(F, F2)
+    # the one-hot entry point takes the same kernel
+    J3, F3 = M.evaluate_semisupervised(M.labels_to_onehot(gt, n), M.labels_to_onehot(pred, n))
+    np.testing.assert_array_equal(J, J3)
+    np.testing.assert_array_equal(F, F3)
+
+
+def test_pinned_semisupervised_with_threads():
+    per_object = {}
+    for seq in ("blackswan", "car-shadow"):
+        gt = (_labels(os.path.join(DATA, "davis2016/Annotations/480p", seq)) > 0).astype(np.uint8)
+        pred = (_labels(os.path.join(PRED, "osvos_semi", seq)) > 0).astype(np.uint8)
+        per_object[f"{seq}_1"] = tuple(v[0] for v in M.evaluate_sequence(gt[1:-1], pred[1:-1], "semi-supervised",
+                                                                          n_objects=1, workers=4))
+    glob_, rows = M.summarize(per_object)
+    assert abs(rows["blackswan_1"]["J-Mean"] - 0.94302) < 5e-6 and abs(rows["blackswan_1"]["F-Mean"] - 0.97410) < 5e-6
+    assert abs(rows["car-shadow_1"]["J-Mean"] - 0.92840) < 5e-6 and abs(rows["car-shadow_1"]["F-Mean"] - 0.91741) < 5e-6
+    assert abs(glob_["J&F-Mean"] - 0.940731) < 1e-6 and abs(glob_["F-Decay"] - 0.084666) < 1e-6
+
+
+def test_read_label_stack_threads_same_and_errors_name_file(tmp_path):
+    files = sorted(glob.glob(os.path.join(PRED, "osvos_semi", "judo", "*.png")))[:6]
+    a = eio.read_label_stack(files)
+    b = eio.read_label_stack(files, workers=4)
+    np.testing.assert_array_equal(a, b)
+    missing = files[:3] + [str(tmp_path / "00003.png")] + files[4:]
+    with pytest.raises(eio.DataError, match="00003.png"):
+        eio.read_label_stack(missing, workers=4)
+
+
+def _unsup_root(tmp_path):
+    """DAVIS layout: "GT" = OSVOS judo under Annotations_unsupervised, results = RVOS judo (first 8 frames)."""
+    root = tmp_path / "DAVIS"
+    res = tmp_path / "res"
+    (root / "Annotations_unsupervised/480p/judo").mkdir(parents=True)
+    (res / "judo").mkdir(parents=True)
+    for f in sorted(glob.glob(os.path.join(PRED, "osvos_semi", "judo", "*.png")))[:8]:
+        shutil.copy(f, root / "Annotations_unsupervised/480p/judo")
+        shutil.copy(os.path.join(PRED, "rvos_unsup", "judo", os.path.basename(f)), res / "judo")
+    (root / "ImageSets/2017").mkdir(parents=True)
+    (root / "ImageSets/2017/val.txt").write_text("judo\n")
+    return root, res
+
+
+def test_eval_masks_csv_names_carry_the_task(tmp_path, capsys):
+    root, res = _unsup_root(tmp_path)
+    (res / "global_results-val.csv").write_text("J&F-Mean\n0.999\n")  # an official tool's cache: never read
+    base = ["eval-masks", "--davis-root", str(root), "--results", str(res), "--overlays", "", "--workers", "2"]
+    assert main(base) == 0
+    assert main(base + ["--matching", "per-frame"]) == 0
+    out = capsys.readouterr().out
+    assert "was not read" in out
+    assert (res / "global_results-val.csv").read_text() == "J&F-Mean\n0.999\n"
+    official = (res / "global_results-val-unsupervised.csv").read_text().splitlines()
+    per_frame = (res / "global_results-val-unsupervised-per-frame.csv").read_text().splitlines()
+    assert official[0].startswith("J&F-Mean") and per_frame[0].startswith("J&F-Mean")
+    assert os.path.isfile(res / "per-sequence_results-val-unsupervised.csv")
+    assert os.path.isfile(res / "eval_masks-unsupervised-val.json")
+    assert os.path.isfile(res / "eval_masks-unsupervised-per-frame-val.json")
+    # --out keeps the results folder untouched
+    out_dir = tmp_path / "scores"
+    assert main(base + ["--out", str(out_dir)]) == 0
+    assert (out_dir / "global_results-val-unsupervised.csv").read_text().splitlines() == official
+    assert os.path.isfile(out_dir / "eval_masks-unsupervised-val.json")
+    assert main(base[:-2] + ["--workers", "0"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
