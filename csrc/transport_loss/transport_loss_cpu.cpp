@@ -1,0 +1,486 @@
+// C++ CPU kernel of smtc_fast::transport_loss (fused L_sem, math in transport_loss.h) and its backward.
+//
+// Today's path (smtc_fast.ops.transport_loss_reference) gathers the normalised keys once per ordered pair and
+// writes a (B*T*(T-1), n, n) cost, plan and cross matrix through memory (1.2 GB in all at SMTC's step shape,
+// each 1.6 GB at 1024 tokens). Here, clips are taken a few at a time (a chunk of at most kChunkBytes of
+// scratch):
+//   1. once per frame: the keys' inverse L2 norms and the marginals (one pass over the keys, nothing copied);
+//   2. the raw dot products of every unordered pair i < j: T-1 batched GEMMs per chunk, frame i against frames
+//      i+1..T-1 in one call on views of the keys (the BLAS's job);
+//   3. one task per pair (parallel): K = exp(-(1 - cos)/eps) is written over its dot-product block (256 KB at n = 256,
+//      it stays in the core's L2), then both orientations' iterations share each pass over K, and a last pass
+//      gives both orientations' contractions with the teacher's masks (transport_loss.h);
+//   4. each frame's targets sum its pairs' contributions in a fixed order (deterministic).
+// Nothing of size pairs x n x n is written; the backward is one elementwise pass over (B, T, S, n).
+//
+// Passes over K per pair: 1 (build) + (iters - 1) + 1 (contraction); the iterations cost 2 dots and 2 axpys per
+// row for both orientations together, the contraction 2S. The GEMM (n^2 D multiply-adds per pair) dominates.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/cpu.h"
+#include "common/threads.h"
+#include "sinkhorn/sinkhorn.h"
+#include "transport_loss/transport_loss.h"
+#include "transport_loss/transport_loss_check.h"
+
+namespace smtc {
+namespace transport_loss {
+namespace {
+
+// Scratch bytes per chunk of clips (cos blocks and per-pair contributions): bounds the memory the op adds to its
+// inputs and outputs, whatever B and n (at least one clip per chunk: 24 MB at n = 1024, T = 4).
+constexpr int64_t kChunkBytes = int64_t(16) << 20;
+
+// One unordered pair {i, j} of one clip: K (n x n, row stride ld, holding the raw keys' dot products on entry),
+// the keys' inverse norms and marginals, the teacher's masks (S, n) of both frames, and the outputs q_i, q_j (S, n).
+template <typename T> struct Pair {
+  T* K;
+  int64_t ld, n, S, D;
+  const T *inv_i, *inv_j, *mu_i, *mu_j, *pt_i, *pt_j;
+  const T *key_i, *key_j;  // raw keys (n, D): the log-domain fallback recomputes cos from them
+  T* q_i;
+  T* q_j;
+};
+
+// Per frame, one pass over its keys (n, D): the inverse L2 norms and the marginal (spec §2.1: mu[a] =
+// ||f_hat[a]||_1 = ||x_a||_1 / max(||x_a||_2, 1e-12), renormalised to sum 1; or uniform 1/n).
+template <typename T>
+void frame_stats(const T* x, int64_t n, int64_t D, bool norm_marginals, T* inv, T* mu) {
+  T total = T(0);
+  for (int64_t a = 0; a < n; ++a) {
+    const T* row = x + a * D;
+    T s2 = T(0), s1 = T(0);
+    SMTC_SIMD_SUM2(s2, s1)
+    for (int64_t k = 0; k < D; ++k) {
+      s2 += row[k] * row[k];
+      s1 += std::abs(row[k]);
+    }
+    inv[a] = inverse_norm(s2);
+    mu[a] = s1 * inv[a];
+    total += mu[a];
+  }
+  for (int64_t a = 0; a < n; ++a) mu[a] = norm_marginals ? mu[a] / total : T(1) / T(n);
+}
+
+// ---- The probability-domain iteration over one K, both orientations at once ---------------------------------
+// Rows are taken four at a time (past the last row they repeat it with a zero coefficient): four independent dot
+// products, and one read-modify-write of the column sums per four rows (as in csrc/sinkhorn/sinkhorn_cpu.cpp).
+constexpr int64_t kRows = 4;
+
+template <typename T> SMTC_ALWAYS_INLINE void block_rows(T* K, int64_t ld, int64_t a0, int64_t n, T** r) {
+  for (int64_t k = 0; k < kRows; ++k) r[k] = K + std::min(a0 + k, n - 1) * ld;
+}
+
+// Pass 1: K = exp(-(1 - cos)/eps) in place; a1 = mu_i / (K 1) (orientation i -> j starts at x1 = 1),
+// c1 = K^T a1, and c2 = K^T 1 (orientation j -> i starts at x2 = 1).
+template <typename T>
+SMTC_ALWAYS_INLINE void build_pass_impl(T* K, int64_t ld, int64_t n, T scale2, const T* inv_i, const T* inv_j,
+                                        const T* mu_i, bool scale_rows, T* a1, T* c1, T* c2, bool* bad) {
+  std::fill(c1, c1 + n, T(0));
+  std::fill(c2, c2 + n, T(0));
+  for (int64_t a0 = 0; a0 < n; a0 += kRows) {
+    T u[kRows] = {}, one[kRows] = {};
+    for (int64_t a = a0; a < std::min(a0 + kRows, n); ++a) {
+      T* row = K + a * ld;
+      const T ia = inv_i[a];
+      T s = T(0);
+      SMTC_SIMD_SUM(s)
+      for (int64_t b = 0; b < n; ++b) {
+        const T e = kernel_entry(cosine(row[b], ia, inv_j[b]), scale2);
+        row[b] = e;
+        s += e;
+      }
+      u[a - a0] = scale_rows ? scaling(mu_i[a], s, bad) : T(0);
+      a1[a] = u[a - a0];
+      one[a - a0] = T(1);
+    }
+    T* r[kRows];
+    block_rows(K, ld, a0, n, r);
+    const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+    SMTC_SIMD
+    for (int64_t b = 0; b < n; ++b) {
+      c1[b] += u[0] * r0[b] + u[1] * r1[b] + u[2] * r2[b] + u[3] * r3[b];
+      c2[b] += one[0] * r0[b] + one[1] * r1[b] + one[2] * r2[b] + one[3] * r3[b];
+    }
+  }
+}
+
+// Passes 2..iters: a1 = mu_i / (K x1) and x2 = mu_i / (K a2) row by row, and their column sums c1 = K^T a1,
+// c2 = K^T x2 while the rows are in L1.
+template <typename T>
+SMTC_ALWAYS_INLINE void iteration_pass_impl(T* K, int64_t ld, int64_t n, const T* mu_i, const T* x1, const T* a2,
+                                            T* a1, T* x2, T* c1, T* c2, bool* bad) {
+  std::fill(c1, c1 + n, T(0));
+  std::fill(c2, c2 + n, T(0));
+  for (int64_t a0 = 0; a0 < n; a0 += kRows) {
+    T* r[kRows];
+    block_rows(K, ld, a0, n, r);
+    const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+    T p0 = T(0), p1 = T(0), p2 = T(0), p3 = T(0), q0 = T(0), q1 = T(0), q2 = T(0), q3 = T(0);
+    _Pragma("omp simd reduction(+ : p0, p1, p2, p3, q0, q1, q2, q3)")
+    for (int64_t b = 0; b < n; ++b) {
+      p0 += r0[b] * x1[b];
+      p1 += r1[b] * x1[b];
+      p2 += r2[b] * x1[b];
+      p3 += r3[b] * x1[b];
+      q0 += r0[b] * a2[b];
+      q1 += r1[b] * a2[b];
+      q2 += r2[b] * a2[b];
+      q3 += r3[b] * a2[b];
+    }
+    const T p[kRows] = {p0, p1, p2, p3}, q[kRows] = {q0, q1, q2, q3};
+    T u1[kRows] = {}, u2[kRows] = {};
+    for (int64_t a = a0; a < std::min(a0 + kRows, n); ++a) {
+      u1[a - a0] = a1[a] = scaling(mu_i[a], p[a - a0], bad);
+      u2[a - a0] = x2[a] = scaling(mu_i[a], q[a - a0], bad);
+    }
+    SMTC_SIMD
+    for (int64_t b = 0; b < n; ++b) {
+      c1[b] += u1[0] * r0[b] + u1[1] * r1[b] + u1[2] * r2[b] + u1[3] * r3[b];
+      c2[b] += u2[0] * r0[b] + u2[1] * r1[b] + u2[2] * r2[b] + u2[3] * r3[b];
+    }
+  }
+}
+
+// x = w / c elementwise (the column half-steps: x1 = mu_j / c1, a2 = mu_j / c2).
+template <typename T> SMTC_ALWAYS_INLINE void column_scaling_impl(const T* w, const T* c, int64_t n, T* x, bool* bad) {
+  for (int64_t b = 0; b < n; ++b) x[b] = scaling(w[b], c[b], bad);
+}
+
+// Last pass: x2 = mu_i / (K a2) (when the iteration ran; else x2 = 1), then
+//   q_i[s, a] = a1[a] sum_b K[a, b] (x1[b] pt_j[s, b])      (plan_ij @ pt_j^T)
+//   q_j[s, b] = a2[b] sum_a K[a, b] (x2[a] pt_i[s, a])      (plan_ji @ pt_i^T)
+// in one loop over b per (4 rows, slot): the rows are read once for the dot products and the column updates.
+// y1 (S, n) is scratch for x1 * pt_j.
+template <typename T>
+SMTC_ALWAYS_INLINE void contraction_pass_impl(T* K, int64_t ld, int64_t n, int64_t S, const T* mu_i, const T* a1,
+                                              const T* x1, const T* a2, bool iterated, const T* pt_i,
+                                              const T* pt_j, T* y1, T* q_i, T* q_j, bool* bad) {
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t b = 0; b < n; ++b) y1[s * n + b] = x1[b] * pt_j[s * n + b];
+  }
+  std::fill(q_j, q_j + S * n, T(0));
+  for (int64_t a0 = 0; a0 < n; a0 += kRows) {
+    T* r[kRows];
+    block_rows(K, ld, a0, n, r);
+    const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+    const int64_t rows = std::min(a0 + kRows, n) - a0;
+    T x2[kRows] = {};
+    if (iterated) {
+      T d0 = T(0), d1 = T(0), d2 = T(0), d3 = T(0);
+      SMTC_SIMD_SUM4(d0, d1, d2, d3)
+      for (int64_t b = 0; b < n; ++b) {
+        d0 += r0[b] * a2[b];
+        d1 += r1[b] * a2[b];
+        d2 += r2[b] * a2[b];
+        d3 += r3[b] * a2[b];
+      }
+      const T d[kRows] = {d0, d1, d2, d3};
+      for (int64_t k = 0; k < rows; ++k) x2[k] = scaling(mu_i[a0 + k], d[k], bad);
+    } else {
+      for (int64_t k = 0; k < rows; ++k) x2[k] = T(1);
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const T* y = y1 + s * n;
+      T* q = q_j + s * n;
+      T c[kRows] = {};
+      for (int64_t k = 0; k < rows; ++k) c[k] = x2[k] * pt_i[s * n + a0 + k];
+      const T c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+      T d0 = T(0), d1 = T(0), d2 = T(0), d3 = T(0);
+      SMTC_SIMD_SUM4(d0, d1, d2, d3)
+      for (int64_t b = 0; b < n; ++b) {
+        const T k0 = r0[b], k1 = r1[b], k2 = r2[b], k3 = r3[b];
+        d0 += k0 * y[b];
+        d1 += k1 * y[b];
+        d2 += k2 * y[b];
+        d3 += k3 * y[b];
+        q[b] += c0 * k0 + c1 * k1 + c2 * k2 + c3 * k3;
+      }
+      const T d[kRows] = {d0, d1, d2, d3};
+      for (int64_t k = 0; k < rows; ++k) q_i[s * n + a0 + k] = a1[a0 + k] * d[k];
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t b = 0; b < n; ++b) q_j[s * n + b] *= a2[b];
+  }
+}
+
+// ---- Log-domain fallback (a pair whose scalings left the bounds; never at SMTC's settings) --------------------
+// The same map as the reference's log-domain Sinkhorn on C = 1 - cos (the constant does not change the plan),
+// scalar and unhurried. cos is recomputed from the keys (K overwrote it).
+
+// out[a] = eps log w[a] - eps LSE_b((v[b] - C[a, b])/eps)   (rows)
+template <typename T> void lse_rows(const T* C, int64_t ld, int64_t n, T eps, const T* w, const T* v, T* out) {
+  for (int64_t a = 0; a < n; ++a) {
+    T mx = neg_inf<T>(), s = T(0);
+    for (int64_t b = 0; b < n; ++b) lse_push(mx, s, (v[b] - C[a * ld + b]) / eps);
+    out[a] = sinkhorn::potential(eps, smtc_log(w[a]), mx, s);
+  }
+}
+// out[b] = eps log w[b] - eps LSE_a((v[a] - C[a, b])/eps)   (columns)
+template <typename T>
+void lse_cols(const T* C, int64_t ld, int64_t n, T eps, const T* w, const T* v, T* out, T* mx, T* s) {
+  std::fill(mx, mx + n, neg_inf<T>());
+  std::fill(s, s + n, T(0));
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = 0; b < n; ++b) lse_push(mx[b], s[b], (v[a] - C[a * ld + b]) / eps);
+  for (int64_t b = 0; b < n; ++b) out[b] = sinkhorn::potential(eps, smtc_log(w[b]), mx[b], s[b]);
+}
+
+template <typename T> void log_domain_pair(const Pair<T>& p, T eps, int64_t iters, T* buf) {
+  const int64_t n = p.n, S = p.S, ld = p.ld, D = p.D;
+  T* C = p.K;
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < n; ++b) {
+      T dot = T(0);
+      for (int64_t k = 0; k < D; ++k) dot += p.key_i[a * D + k] * p.key_j[b * D + k];
+      C[a * ld + b] = T(1) - cosine(dot, p.inv_i[a], p.inv_j[b]);
+    }
+  }
+  T *f1 = buf, *g1 = f1 + n, *f2 = g1 + n, *g2 = f2 + n, *mx = g2 + n, *s = mx + n;
+  std::fill(g1, g1 + n, T(0));
+  std::fill(g2, g2 + n, T(0));
+  for (int64_t t = 0; t < iters; ++t) {
+    lse_rows(C, ld, n, eps, p.mu_i, g1, f1);          // i -> j: f over the rows of frame i
+    lse_cols(C, ld, n, eps, p.mu_j, f1, g1, mx, s);   //         g over the columns of frame j
+    lse_cols(C, ld, n, eps, p.mu_j, g2, f2, mx, s);   // j -> i: f over frame j (the columns)
+    lse_rows(C, ld, n, eps, p.mu_i, f2, g2);          //         g over frame i (the rows)
+  }
+  std::fill(p.q_i, p.q_i + S * n, T(0));
+  std::fill(p.q_j, p.q_j + S * n, T(0));
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < n; ++b) {
+      const T c = C[a * ld + b];
+      const T plan_ij = std::exp((f1[a] + g1[b] - c) / eps);
+      const T plan_ji = std::exp((f2[b] + g2[a] - c) / eps);
+      for (int64_t k = 0; k < S; ++k) {
+        p.q_i[k * n + a] += plan_ij * p.pt_j[k * n + b];
+        p.q_j[k * n + b] += plan_ji * p.pt_i[k * n + a];
+      }
+    }
+  }
+}
+
+// Non-template entry points, compiled once per SIMD width (target_clones) with the loops above inlined.
+#define SMTC_TRANSPORT_LOSS_INSTANTIATE(T)                                                                       \
+  SMTC_CPU_CLONES void build_pass(T* K, int64_t ld, int64_t n, T sc, const T* ii, const T* ij, const T* mu,      \
+                                  bool rows, T* a1, T* c1, T* c2, bool* bad) {                                   \
+    build_pass_impl<T>(K, ld, n, sc, ii, ij, mu, rows, a1, c1, c2, bad);                                         \
+  }                                                                                                              \
+  SMTC_CPU_CLONES void iteration_pass(T* K, int64_t ld, int64_t n, const T* mu, const T* x1, const T* a2, T* a1, \
+                                      T* x2, T* c1, T* c2, bool* bad) {                                          \
+    iteration_pass_impl<T>(K, ld, n, mu, x1, a2, a1, x2, c1, c2, bad);                                           \
+  }                                                                                                              \
+  SMTC_CPU_CLONES void column_scaling(const T* w, const T* c, int64_t n, T* x, bool* bad) {                      \
+    column_scaling_impl<T>(w, c, n, x, bad);                                                                     \
+  }                                                                                                              \
+  SMTC_CPU_CLONES void contraction_pass(T* K, int64_t ld, int64_t n, int64_t S, const T* mu, const T* a1,        \
+                                        const T* x1, const T* a2, bool it, const T* pti, const T* ptj, T* y1,    \
+                                        T* qi, T* qj, bool* bad) {                                               \
+    contraction_pass_impl<T>(K, ld, n, S, mu, a1, x1, a2, it, pti, ptj, y1, qi, qj, bad);                        \
+  }
+
+SMTC_TRANSPORT_LOSS_INSTANTIATE(float)
+SMTC_TRANSPORT_LOSS_INSTANTIATE(double)
+
+// One pair, start to end. buf: 6n + S n scratch.
+template <typename T> void solve_pair(const Pair<T>& p, T eps, int64_t iters, T iters0_factor, T* buf) {
+  const int64_t n = p.n, S = p.S, ld = p.ld;
+  T *a1 = buf, *x1 = a1 + n, *a2 = x1 + n, *x2 = a2 + n, *c1 = x2 + n, *c2 = c1 + n, *y1 = c2 + n;
+  const T scale2 = T(1.4426950408889634) / eps;  // exp(-(1 - cos)/eps) = 2^((cos - 1) log2(e)/eps)
+  bool bad = false;
+  build_pass(p.K, ld, n, scale2, p.inv_i, p.inv_j, p.mu_i, iters > 0, a1, c1, c2, &bad);
+  if (iters == 0) {
+    // No iteration: the plan is exp(-C/eps) itself, with the cost's own constant (1 - cos or -cos).
+    std::fill(a1, a1 + n, iters0_factor);
+    std::fill(x1, x1 + n, T(1));
+    std::fill(a2, a2 + n, iters0_factor);
+  } else {
+    column_scaling(p.mu_j, c1, n, x1, &bad);
+    column_scaling(p.mu_j, c2, n, a2, &bad);
+    for (int64_t t = 2; t <= iters && !bad; ++t) {
+      iteration_pass(p.K, ld, n, p.mu_i, x1, a2, a1, x2, c1, c2, &bad);
+      column_scaling(p.mu_j, c1, n, x1, &bad);
+      column_scaling(p.mu_j, c2, n, a2, &bad);
+    }
+  }
+  if (!bad) contraction_pass(p.K, ld, n, S, p.mu_i, a1, x1, a2, iters > 0, p.pt_i, p.pt_j, y1, p.q_i, p.q_j, &bad);
+  if (bad) log_domain_pair(p, eps, iters, buf);
+}
+
+std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_logits_in,
+                                                      const at::Tensor& teacher_logits_in,
+                                                      const at::Tensor& teacher_keys_in, double eps, int64_t iters,
+                                                      c10::string_view marginals_in, c10::string_view cost_in) {
+  const std::string marginals(marginals_in), cost(cost_in);
+  check_transport_loss_args(student_logits_in, teacher_logits_in, teacher_keys_in, eps, iters, marginals, cost);
+  const auto student_logits = student_logits_in.contiguous();
+  const auto keys = teacher_keys_in.contiguous();
+  const int64_t B = student_logits.size(0), T = student_logits.size(1), S = student_logits.size(2);
+  const int64_t n = student_logits.size(3), D = keys.size(3);
+  const int64_t n_pairs = T * (T - 1) / 2;  // unordered
+  auto targets = at::zeros(student_logits.sizes(), student_logits.options());
+  // The teacher's masks: no gradient (official: the whole teacher side runs under no_grad).
+  const auto pt = at::softmax(teacher_logits_in, 2).contiguous();  // (B, T, S, n)
+
+  if (targets.numel() > 0) {
+    const int64_t item = int64_t(student_logits.element_size());
+    const int64_t clip_bytes = (n_pairs * n * n + n_pairs * 2 * S * n) * item;
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kChunkBytes / std::max<int64_t>(clip_bytes, 1)));
+    auto stats = at::empty({2, B, T, n}, keys.options());  // inverse key norms, marginals
+    // Scratch reused by every chunk: the cos / K blocks and the pairs' contributions.
+    auto cos_buf = at::empty({chunk * n_pairs * n * n}, keys.options());
+    auto q_buf = at::empty({chunk, n_pairs, 2, S, n}, keys.options());
+    AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "smtc_fast::transport_loss (CPU)", [&] {
+      using scalar = scalar_t;
+      const scalar e = static_cast<scalar>(eps);
+      // iters = 0 only: exp(-C/eps) = exp(-(1 - cos)/eps) * exp((1 - c0)/eps) for C = c0 - cos
+      const scalar iters0_factor = cost == "neg_cos" ? static_cast<scalar>(std::exp(1.0 / eps)) : scalar(1);
+      const scalar* kp = keys.data_ptr<scalar>();
+      scalar* invp = stats.data_ptr<scalar>();
+      scalar* mup = invp + B * T * n;
+      const bool norm_marginals = marginals == "norm";
+      for_chunks(B * T, 4, [&](int64_t f0, int64_t f1) {
+        for (int64_t f = f0; f < f1; ++f) frame_stats(kp + f * n * D, n, D, norm_marginals, invp + f * n, mup + f * n);
+      });
+      std::vector<std::pair<int64_t, int64_t>> pairs;
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t j = i + 1; j < T; ++j) pairs.emplace_back(i, j);
+      for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+        const int64_t c = std::min(chunk, B - b0);
+        const auto kc = keys.narrow(0, b0, c);  // (c, T, n, D)
+        // Raw dot products, frame i against frames i+1..T-1 in one batched GEMM per i (views of the keys, no
+        // copies): block i = (c, n, (T-1-i) n).
+        std::vector<int64_t> block_offset(T, 0);
+        for (int64_t i = 0, off = 0; i + 1 < T; ++i) {
+          block_offset[i] = off;
+          off += c * n * (T - 1 - i) * n;
+        }
+        for (int64_t i = 0; i + 1 < T; ++i) {
+          const int64_t w = (T - 1 - i) * n;
+          auto out = cos_buf.narrow(0, block_offset[i], c * n * w).view({c, n, w});
+          at::bmm_out(out, kc.select(1, i), kc.narrow(1, i + 1, T - 1 - i).reshape({c, w, D}).transpose(1, 2));
+        }
+        scalar* cosp = cos_buf.data_ptr<scalar>();
+        const scalar* ptp = pt.data_ptr<scalar>();
+        scalar* qp = q_buf.data_ptr<scalar>();
+        for_chunks(c * n_pairs, 1, [&](int64_t t0, int64_t t1) {
+          std::vector<scalar> buf(6 * n + S * n);
+          for (int64_t task = t0; task < t1; ++task) {
+            const int64_t bc = task / n_pairs, pi = task % n_pairs;
+            const int64_t i = pairs[pi].first, j = pairs[pi].second;
+            const int64_t fi = (b0 + bc) * T + i, fj = (b0 + bc) * T + j;  // frame indices into (B, T)
+            Pair<scalar> p;
+            p.ld = (T - 1 - i) * n;
+            p.K = cosp + block_offset[i] + bc * n * p.ld + (j - i - 1) * n;
+            p.n = n;
+            p.S = S;
+            p.D = D;
+            p.inv_i = invp + fi * n;
+            p.inv_j = invp + fj * n;
+            p.mu_i = mup + fi * n;
+            p.mu_j = mup + fj * n;
+            p.pt_i = ptp + fi * S * n;
+            p.pt_j = ptp + fj * S * n;
+            p.key_i = kp + fi * n * D;
+            p.key_j = kp + fj * n * D;
+            p.q_i = qp + (bc * n_pairs + pi) * 2 * S * n;
+            p.q_j = p.q_i + S * n;
+            solve_pair(p, e, iters, iters0_factor, buf.data());
+          }
+        });
+        // Sum the pairs' contributions into the frames' targets, in pair order (deterministic).
+        scalar* tp = targets.data_ptr<scalar>() + b0 * T * S * n;
+        for (int64_t bc = 0; bc < c; ++bc) {
+          for (int64_t pi = 0; pi < n_pairs; ++pi) {
+            const scalar* q = qp + (bc * n_pairs + pi) * 2 * S * n;
+            scalar* ti = tp + (bc * T + pairs[pi].first) * S * n;
+            scalar* tj = tp + (bc * T + pairs[pi].second) * S * n;
+            for (int64_t k = 0; k < S * n; ++k) ti[k] += q[k];
+            for (int64_t k = 0; k < S * n; ++k) tj[k] += q[S * n + k];
+          }
+        }
+      }
+    });
+  }
+  // L = -1/(B T (T-1)) sum log(p_s + 1e-8) * targets (transport_loss.h)
+  const auto log_ps = at::log(at::softmax(student_logits, 2) + kProbEps);
+  const auto loss = -(log_ps * targets).sum() / double(B * T * (T - 1));
+  return {loss, targets};
+}
+
+// dL/dz_s = coef * p_s * (w_s - sum_r w_r p_r), w = targets / (p + 1e-8), coef = -grad / (B T (T-1)): one pass
+// over the tokens of each (clip, frame), vectorised across tokens.
+template <typename T>
+void backward_frame(const T* z, const T* tg, T coef, int64_t S, int64_t n, T* p, T* mx, T* sum, T* wp, T* gz) {
+  std::fill(mx, mx + n, neg_inf<T>());
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t a = 0; a < n; ++a) mx[a] = vmax(mx[a], z[s * n + a]);
+  }
+  std::fill(sum, sum + n, T(0));
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t a = 0; a < n; ++a) {
+      p[s * n + a] = std::exp(z[s * n + a] - mx[a]);
+      sum[a] += p[s * n + a];
+    }
+  }
+  std::fill(wp, wp + n, T(0));
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t a = 0; a < n; ++a) {
+      p[s * n + a] /= sum[a];
+      wp[a] += target_weight(tg[s * n + a], p[s * n + a]) * p[s * n + a];
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t a = 0; a < n; ++a) {
+      const T ps = p[s * n + a];
+      gz[s * n + a] = logit_grad(coef, ps, target_weight(tg[s * n + a], ps), wp[a]);
+    }
+  }
+}
+
+at::Tensor transport_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits_in,
+                                       const at::Tensor& targets_in) {
+  check_transport_loss_grads(grad_loss, student_logits_in, targets_in);
+  const auto z = student_logits_in.contiguous();
+  const auto targets = targets_in.contiguous();
+  const int64_t B = z.size(0), T = z.size(1), S = z.size(2), n = z.size(3);
+  auto grad = at::empty(z.sizes(), z.options());
+  if (grad.numel() == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "smtc_fast::_transport_loss_backward (CPU)", [&] {
+    const scalar_t coef = -grad_loss.item<scalar_t>() / static_cast<scalar_t>(B * T * (T - 1));
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* tp = targets.data_ptr<scalar_t>();
+    scalar_t* gp = grad.data_ptr<scalar_t>();
+    for_chunks(B * T, 8, [&](int64_t f0, int64_t f1) {
+      std::vector<scalar_t> buf(S * n + 3 * n);
+      for (int64_t f = f0; f < f1; ++f) {
+        backward_frame<scalar_t>(zp + f * S * n, tp + f * S * n, coef, S, n, buf.data(), buf.data() + S * n,
+                                 buf.data() + S * n + n, buf.data() + S * n + 2 * n, gp + f * S * n);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(smtc_fast, CPU, m) {
+  m.impl("transport_loss", &transport_loss_cpu);
+  m.impl("_transport_loss_backward", &transport_loss_backward_cpu);
+}
+
+}  // namespace transport_loss
+}  // namespace smtc
