@@ -1,20 +1,23 @@
 // C++ CPU kernel of smtc_fast::transport_loss (fused L_sem, math in transport_loss.h) and its backward.
 //
 // Today's path (smtc_fast.ops.transport_loss_reference) gathers the normalised keys once per ordered pair and
-// writes a (B*T*(T-1), n, n) cost, plan and cross matrix through memory (1.2 GB in all at SMTC's step shape,
-// each 1.6 GB at 1024 tokens). Here, clips are taken a few at a time (a chunk of at most kChunkBytes of
-// scratch):
-//   1. once per frame: the keys' inverse L2 norms and the marginals (one pass over the keys, nothing copied);
-//   2. the raw dot products of every unordered pair i < j: T-1 batched GEMMs per chunk, frame i against frames
-//      i+1..T-1 in one call on views of the keys (the BLAS's job);
-//   3. one task per pair (parallel): K = exp(-(1 - cos)/eps) is written over its dot-product block (256 KB at n = 256,
-//      it stays in the core's L2), then both orientations' iterations share each pass over K, and a last pass
-//      gives both orientations' contractions with the teacher's masks (transport_loss.h);
-//   4. each frame's targets sum its pairs' contributions in a fixed order (deterministic).
-// Nothing of size pairs x n x n is written; the backward is one elementwise pass over (B, T, S, n).
+// writes (B*T*(T-1), n, n) costs, plans and cross matrices through memory (~0.8 GB of peak at SMTC's step
+// shape, 1.6 GB per tensor at 1024 tokens). Here one task per clip (parallel over clips, dynamic schedule):
+//   1. per frame, one pass over its keys: inverse L2 norms and the marginal (nothing copied or normalised);
+//   2. per frame i < T-1, the raw dot products with frames i+1..T-1: one single-threaded GEMM (the BLAS's job)
+//      into a per-thread (n, (T-1-i) n) block (768 KB at n = 256: it stays in the core's L2);
+//   3. per unordered pair, K = exp(-(1 - cos)/eps) is written over its (n, n) sub-block, both orientations'
+//      iterations share each pass over K, and a last pass gives both orientations' contractions with the
+//      teacher's masks (transport_loss.h); the clip's frames' targets add them in pair order (deterministic).
+// Nothing of size pairs x n x n is written: the op's memory is its (B, T, S, n) outputs plus, per thread, one
+// (n, (T-1) n) block (12 MB at n = 1024, T = 4), whatever B is. The backward is one elementwise pass.
 //
 // Passes over K per pair: 1 (build) + (iters - 1) + 1 (contraction); the iterations cost 2 dots and 2 axpys per
-// row for both orientations together, the contraction 2S. The GEMM (n^2 D multiply-adds per pair) dominates.
+// row for both orientations together, the contraction 2S. The GEMM (n^2 D multiply-adds per pair) dominates:
+// ~60% of the forward at SMTC's shape (perf, one thread), then the contraction (~10%).
+// A single-threaded at::mm per task inside the parallel region measured faster here than T-1 batched GEMMs per
+// chunk of clips between parallel regions (1.25x at one thread, more on the loaded 2-core VM, where every
+// barrier between the GEMM phase and the pair phase waits on the slowest thread).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -32,10 +35,6 @@
 namespace smtc {
 namespace transport_loss {
 namespace {
-
-// Scratch bytes per chunk of clips (cos blocks and per-pair contributions): bounds the memory the op adds to its
-// inputs and outputs, whatever B and n (at least one clip per chunk: 24 MB at n = 1024, T = 4).
-constexpr int64_t kChunkBytes = int64_t(16) << 20;
 
 // One unordered pair {i, j} of one clip: K (n x n, row stride ld, holding the raw keys' dot products on entry),
 // the keys' inverse norms and marginals, the teacher's masks (S, n) of both frames, and the outputs q_i, q_j (S, n).
@@ -326,19 +325,12 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
   const auto keys = teacher_keys_in.contiguous();
   const int64_t B = student_logits.size(0), T = student_logits.size(1), S = student_logits.size(2);
   const int64_t n = student_logits.size(3), D = keys.size(3);
-  const int64_t n_pairs = T * (T - 1) / 2;  // unordered
   auto targets = at::zeros(student_logits.sizes(), student_logits.options());
   // The teacher's masks: no gradient (official: the whole teacher side runs under no_grad).
   const auto pt = at::softmax(teacher_logits_in, 2).contiguous();  // (B, T, S, n)
 
   if (targets.numel() > 0) {
-    const int64_t item = int64_t(student_logits.element_size());
-    const int64_t clip_bytes = (n_pairs * n * n + n_pairs * 2 * S * n) * item;
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kChunkBytes / std::max<int64_t>(clip_bytes, 1)));
     auto stats = at::empty({2, B, T, n}, keys.options());  // inverse key norms, marginals
-    // Scratch reused by every chunk: the cos / K blocks and the pairs' contributions.
-    auto cos_buf = at::empty({chunk * n_pairs * n * n}, keys.options());
-    auto q_buf = at::empty({chunk, n_pairs, 2, S, n}, keys.options());
     AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "smtc_fast::transport_loss (CPU)", [&] {
       using scalar = scalar_t;
       const scalar e = static_cast<scalar>(eps);
@@ -347,68 +339,51 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
       const scalar* kp = keys.data_ptr<scalar>();
       scalar* invp = stats.data_ptr<scalar>();
       scalar* mup = invp + B * T * n;
+      const scalar* ptp = pt.data_ptr<scalar>();
+      scalar* tp = targets.data_ptr<scalar>();
       const bool norm_marginals = marginals == "norm";
-      for_chunks(B * T, 4, [&](int64_t f0, int64_t f1) {
-        for (int64_t f = f0; f < f1; ++f) frame_stats(kp + f * n * D, n, D, norm_marginals, invp + f * n, mup + f * n);
+      // One task per clip: its frames' targets are its own, so pairs add into them in a fixed order
+      // (deterministic) with no reduction buffer; scratch per thread: one n x n block and O(S n) vectors.
+      for_chunks(B, 1, [&](int64_t b0, int64_t b1) {
+        auto K_t = at::empty({n * (T - 1) * n}, keys.options());
+        std::vector<scalar> buf(std::max<int64_t>(6 * n + S * n, 1)), q(std::max<int64_t>(2 * S * n, 1));
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t f = b * T; f < (b + 1) * T; ++f)
+            frame_stats(kp + f * n * D, n, D, norm_marginals, invp + f * n, mup + f * n);
+          for (int64_t i = 0; i + 1 < T; ++i) {
+            // The raw dot products of frame i with frames i+1..T-1: one single-threaded GEMM (we are inside the
+            // parallel region) into an (n, (T-1-i) n) block, whose (n, n) sub-blocks are the pairs' K, built
+            // while the block is still in L2 (768 KB at SMTC's shape).
+            const int64_t w = (T - 1 - i) * n;
+            auto block = K_t.narrow(0, 0, n * w).view({n, w});
+            at::mm_out(block, keys[b][i], keys[b].narrow(0, i + 1, T - 1 - i).reshape({w, D}).t());
+            for (int64_t j = i + 1; j < T; ++j) {
+              const int64_t fi = b * T + i, fj = b * T + j;  // frame indices into (B, T)
+              Pair<scalar> p;
+              p.K = block.data_ptr<scalar>() + (j - i - 1) * n;
+              p.ld = w;
+              p.n = n;
+              p.S = S;
+              p.D = D;
+              p.inv_i = invp + fi * n;
+              p.inv_j = invp + fj * n;
+              p.mu_i = mup + fi * n;
+              p.mu_j = mup + fj * n;
+              p.pt_i = ptp + fi * S * n;
+              p.pt_j = ptp + fj * S * n;
+              p.key_i = kp + fi * n * D;
+              p.key_j = kp + fj * n * D;
+              p.q_i = q.data();
+              p.q_j = q.data() + S * n;
+              solve_pair(p, e, iters, iters0_factor, buf.data());
+              scalar* ti = tp + fi * S * n;
+              scalar* tj = tp + fj * S * n;
+              for (int64_t k = 0; k < S * n; ++k) ti[k] += p.q_i[k];
+              for (int64_t k = 0; k < S * n; ++k) tj[k] += p.q_j[k];
+            }
+          }
+        }
       });
-      std::vector<std::pair<int64_t, int64_t>> pairs;
-      for (int64_t i = 0; i < T; ++i)
-        for (int64_t j = i + 1; j < T; ++j) pairs.emplace_back(i, j);
-      for (int64_t b0 = 0; b0 < B; b0 += chunk) {
-        const int64_t c = std::min(chunk, B - b0);
-        const auto kc = keys.narrow(0, b0, c);  // (c, T, n, D)
-        // Raw dot products, frame i against frames i+1..T-1 in one batched GEMM per i (views of the keys, no
-        // copies): block i = (c, n, (T-1-i) n).
-        std::vector<int64_t> block_offset(T, 0);
-        for (int64_t i = 0, off = 0; i + 1 < T; ++i) {
-          block_offset[i] = off;
-          off += c * n * (T - 1 - i) * n;
-        }
-        for (int64_t i = 0; i + 1 < T; ++i) {
-          const int64_t w = (T - 1 - i) * n;
-          auto out = cos_buf.narrow(0, block_offset[i], c * n * w).view({c, n, w});
-          at::bmm_out(out, kc.select(1, i), kc.narrow(1, i + 1, T - 1 - i).reshape({c, w, D}).transpose(1, 2));
-        }
-        scalar* cosp = cos_buf.data_ptr<scalar>();
-        const scalar* ptp = pt.data_ptr<scalar>();
-        scalar* qp = q_buf.data_ptr<scalar>();
-        for_chunks(c * n_pairs, 1, [&](int64_t t0, int64_t t1) {
-          std::vector<scalar> buf(6 * n + S * n);
-          for (int64_t task = t0; task < t1; ++task) {
-            const int64_t bc = task / n_pairs, pi = task % n_pairs;
-            const int64_t i = pairs[pi].first, j = pairs[pi].second;
-            const int64_t fi = (b0 + bc) * T + i, fj = (b0 + bc) * T + j;  // frame indices into (B, T)
-            Pair<scalar> p;
-            p.ld = (T - 1 - i) * n;
-            p.K = cosp + block_offset[i] + bc * n * p.ld + (j - i - 1) * n;
-            p.n = n;
-            p.S = S;
-            p.D = D;
-            p.inv_i = invp + fi * n;
-            p.inv_j = invp + fj * n;
-            p.mu_i = mup + fi * n;
-            p.mu_j = mup + fj * n;
-            p.pt_i = ptp + fi * S * n;
-            p.pt_j = ptp + fj * S * n;
-            p.key_i = kp + fi * n * D;
-            p.key_j = kp + fj * n * D;
-            p.q_i = qp + (bc * n_pairs + pi) * 2 * S * n;
-            p.q_j = p.q_i + S * n;
-            solve_pair(p, e, iters, iters0_factor, buf.data());
-          }
-        });
-        // Sum the pairs' contributions into the frames' targets, in pair order (deterministic).
-        scalar* tp = targets.data_ptr<scalar>() + b0 * T * S * n;
-        for (int64_t bc = 0; bc < c; ++bc) {
-          for (int64_t pi = 0; pi < n_pairs; ++pi) {
-            const scalar* q = qp + (bc * n_pairs + pi) * 2 * S * n;
-            scalar* ti = tp + (bc * T + pairs[pi].first) * S * n;
-            scalar* tj = tp + (bc * T + pairs[pi].second) * S * n;
-            for (int64_t k = 0; k < S * n; ++k) ti[k] += q[k];
-            for (int64_t k = 0; k < S * n; ++k) tj[k] += q[S * n + k];
-          }
-        }
-      }
     });
   }
   // L = -1/(B T (T-1)) sum log(p_s + 1e-8) * targets (transport_loss.h)
