@@ -8,9 +8,12 @@
 //      into a per-thread (n, (T-1-i) n) block (768 KB at n = 256: it stays in the core's L2);
 //   3. per unordered pair, K = exp(-(1 - cos)/eps) is written over its (n, n) sub-block, both orientations'
 //      iterations share each pass over K, and a last pass gives both orientations' contractions with the
-//      teacher's masks (transport_loss.h); the clip's frames' targets add them in pair order (deterministic).
-// Nothing of size pairs x n x n is written: the op's memory is its (B, T, S, n) outputs plus, per thread, one
-// (n, (T-1) n) block (12 MB at n = 1024, T = 4), whatever B is. The backward is one elementwise pass.
+//      teacher's masks (transport_loss.h); the clip's frames' targets add them in pair order (deterministic);
+//   4. the clip's part of the loss, from the student's softmax and the targets (summed over clips in order).
+// Nothing of size pairs x n x n is written: the op's memory is its (B, T, S, n) targets plus, per thread, one
+// (n, (T-1) n) block (12 MB at n = 1024, T = 4) from the output cache, whatever B is. The softmaxes, the loss
+// and the backward (one elementwise pass) run inside the kernel: no (B, T, S, n) temporaries, no extra
+// parallel regions (each costs a barrier on a loaded machine).
 //
 // Passes over K per pair: 1 (build) + (iters - 1) + 1 (contraction); the iterations cost 2 dots and 2 axpys per
 // row for both orientations together, the contraction 2S. The GEMM (n^2 D multiply-adds per pair) dominates:
@@ -22,10 +25,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <vector>
 
+#include "common/alloc.h"
 #include "common/cpu.h"
 #include "common/threads.h"
 #include "sinkhorn/sinkhorn.h"
@@ -290,6 +295,32 @@ template <typename T> void log_domain_pair(const Pair<T>& p, T eps, int64_t iter
 SMTC_TRANSPORT_LOSS_INSTANTIATE(float)
 SMTC_TRANSPORT_LOSS_INSTANTIATE(double)
 
+// p = softmax over the S slots of one frame's logits z (S, n), token by token, vectorised across tokens
+// (mx, sum: n scratch each).
+template <typename T> void softmax_frame(const T* z, int64_t S, int64_t n, T* p, T* mx, T* sum) {
+  std::fill(mx, mx + n, neg_inf<T>());
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t a = 0; a < n; ++a) mx[a] = vmax(mx[a], z[s * n + a]);
+  }
+  std::fill(sum, sum + n, T(0));
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t a = 0; a < n; ++a) {
+      p[s * n + a] = fast_exp_nonpositive(z[s * n + a] - mx[a]);
+      sum[a] += p[s * n + a];
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    SMTC_SIMD
+    for (int64_t a = 0; a < n; ++a) p[s * n + a] /= sum[a];
+  }
+}
+
+// log(p + 1e-8) for a probability p (the argument is a positive normal number): vectorisable in float.
+inline float log_prob(float p) { return fast_log_normal(p + float(kProbEps)); }
+inline double log_prob(double p) { return std::log(p + kProbEps); }
+
 // One pair, start to end. buf: 6n + S n scratch.
 template <typename T> void solve_pair(const Pair<T>& p, T eps, int64_t iters, T iters0_factor, T* buf) {
   const int64_t n = p.n, S = p.S, ld = p.ld;
@@ -325,42 +356,56 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
   const auto keys = teacher_keys_in.contiguous();
   const int64_t B = student_logits.size(0), T = student_logits.size(1), S = student_logits.size(2);
   const int64_t n = student_logits.size(3), D = keys.size(3);
-  auto targets = at::zeros(student_logits.sizes(), student_logits.options());
-  // The teacher's masks: no gradient (official: the whole teacher side runs under no_grad).
-  const auto pt = at::softmax(teacher_logits_in, 2).contiguous();  // (B, T, S, n)
-
+  const auto teacher_logits = teacher_logits_in.contiguous();
+  auto targets = at::empty(student_logits.sizes(), student_logits.options());
+  double loss_sum = 0;
   if (targets.numel() > 0) {
     auto stats = at::empty({2, B, T, n}, keys.options());  // inverse key norms, marginals
+    auto loss_part = at::empty({B}, keys.options().dtype(at::kDouble));
+    const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+    // Per-thread scratch (from the output cache: no fresh pages per call): the dot-product / K block, the
+    // clip's teacher masks and one frame's student probabilities.
+    const int64_t scratch = n * (T - 1) * n + T * S * n + S * n;
+    auto scratch_t = empty_output({n_threads, scratch}, keys.options());
     AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "smtc_fast::transport_loss (CPU)", [&] {
       using scalar = scalar_t;
       const scalar e = static_cast<scalar>(eps);
       // iters = 0 only: exp(-C/eps) = exp(-(1 - cos)/eps) * exp((1 - c0)/eps) for C = c0 - cos
       const scalar iters0_factor = cost == "neg_cos" ? static_cast<scalar>(std::exp(1.0 / eps)) : scalar(1);
       const scalar* kp = keys.data_ptr<scalar>();
+      const scalar* zs = student_logits.data_ptr<scalar>();
+      const scalar* zt = teacher_logits.data_ptr<scalar>();
       scalar* invp = stats.data_ptr<scalar>();
       scalar* mup = invp + B * T * n;
-      const scalar* ptp = pt.data_ptr<scalar>();
       scalar* tp = targets.data_ptr<scalar>();
+      double* lp = loss_part.data_ptr<double>();
       const bool norm_marginals = marginals == "norm";
-      // One task per clip: its frames' targets are its own, so pairs add into them in a fixed order
-      // (deterministic) with no reduction buffer; scratch per thread: one n x n block and O(S n) vectors.
-      for_chunks(B, 1, [&](int64_t b0, int64_t b1) {
-        auto K_t = at::empty({n * (T - 1) * n}, keys.options());
+      // One task per clip (taken from a shared counter): its frames' targets are its own, so pairs add into
+      // them in a fixed order (deterministic) with no reduction buffer.
+      std::atomic<int64_t> next{0};
+      run_on_threads(n_threads, [&](int64_t tid) {
+        scalar* Kb = scratch_t.data_ptr<scalar>() + tid * scratch;
+        scalar* ptc = Kb + n * (T - 1) * n;  // (T, S, n) the clip's teacher masks (no gradient, as official)
+        scalar* ps = ptc + T * S * n;        // (S, n)
         std::vector<scalar> buf(std::max<int64_t>(6 * n + S * n, 1)), q(std::max<int64_t>(2 * S * n, 1));
-        for (int64_t b = b0; b < b1; ++b) {
-          for (int64_t f = b * T; f < (b + 1) * T; ++f)
+        for (int64_t b; (b = next.fetch_add(1)) < B;) {
+          std::fill(tp + b * T * S * n, tp + (b + 1) * T * S * n, scalar(0));
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t f = b * T + t;
             frame_stats(kp + f * n * D, n, D, norm_marginals, invp + f * n, mup + f * n);
+            softmax_frame(zt + f * S * n, S, n, ptc + t * S * n, buf.data(), buf.data() + n);
+          }
           for (int64_t i = 0; i + 1 < T; ++i) {
             // The raw dot products of frame i with frames i+1..T-1: one single-threaded GEMM (we are inside the
             // parallel region) into an (n, (T-1-i) n) block, whose (n, n) sub-blocks are the pairs' K, built
             // while the block is still in L2 (768 KB at SMTC's shape).
             const int64_t w = (T - 1 - i) * n;
-            auto block = K_t.narrow(0, 0, n * w).view({n, w});
+            auto block = at::from_blob(Kb, {n, w}, keys.options());
             at::mm_out(block, keys[b][i], keys[b].narrow(0, i + 1, T - 1 - i).reshape({w, D}).t());
             for (int64_t j = i + 1; j < T; ++j) {
               const int64_t fi = b * T + i, fj = b * T + j;  // frame indices into (B, T)
               Pair<scalar> p;
-              p.K = block.data_ptr<scalar>() + (j - i - 1) * n;
+              p.K = Kb + (j - i - 1) * n;
               p.ld = w;
               p.n = n;
               p.S = S;
@@ -369,8 +414,8 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
               p.inv_j = invp + fj * n;
               p.mu_i = mup + fi * n;
               p.mu_j = mup + fj * n;
-              p.pt_i = ptp + fi * S * n;
-              p.pt_j = ptp + fj * S * n;
+              p.pt_i = ptc + i * S * n;
+              p.pt_j = ptc + j * S * n;
               p.key_i = kp + fi * n * D;
               p.key_j = kp + fj * n * D;
               p.q_i = q.data();
@@ -382,13 +427,26 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
               for (int64_t k = 0; k < S * n; ++k) tj[k] += p.q_j[k];
             }
           }
+          // The clip's part of sum log(p_s + 1e-8) * targets (transport_loss.h).
+          double acc = 0;
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t f = b * T + t;
+            softmax_frame(zs + f * S * n, S, n, ps, buf.data(), buf.data() + n);
+            const scalar* tg = tp + f * S * n;
+            scalar part = scalar(0);
+            SMTC_SIMD_SUM(part)
+            for (int64_t k = 0; k < S * n; ++k) part += log_prob(ps[k]) * tg[k];
+            acc += static_cast<double>(part);
+          }
+          lp[b] = acc;
         }
       });
+      for (int64_t b = 0; b < B; ++b) loss_sum += lp[b];  // fixed order: deterministic
     });
   }
-  // L = -1/(B T (T-1)) sum log(p_s + 1e-8) * targets (transport_loss.h)
-  const auto log_ps = at::log(at::softmax(student_logits, 2) + kProbEps);
-  const auto loss = -(log_ps * targets).sum() / double(B * T * (T - 1));
+  // L = -1/(B T (T-1)) sum log(p_s + 1e-8) * targets; B = 0 gives NaN like the reference's empty mean.
+  const double count = double(B * T * (T - 1));
+  const auto loss = at::scalar_tensor(-loss_sum / count, student_logits.options());
   return {loss, targets};
 }
 
@@ -396,26 +454,11 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
 // over the tokens of each (clip, frame), vectorised across tokens.
 template <typename T>
 void backward_frame(const T* z, const T* tg, T coef, int64_t S, int64_t n, T* p, T* mx, T* sum, T* wp, T* gz) {
-  std::fill(mx, mx + n, neg_inf<T>());
-  for (int64_t s = 0; s < S; ++s) {
-    SMTC_SIMD
-    for (int64_t a = 0; a < n; ++a) mx[a] = vmax(mx[a], z[s * n + a]);
-  }
-  std::fill(sum, sum + n, T(0));
-  for (int64_t s = 0; s < S; ++s) {
-    SMTC_SIMD
-    for (int64_t a = 0; a < n; ++a) {
-      p[s * n + a] = std::exp(z[s * n + a] - mx[a]);
-      sum[a] += p[s * n + a];
-    }
-  }
+  softmax_frame(z, S, n, p, mx, sum);
   std::fill(wp, wp + n, T(0));
   for (int64_t s = 0; s < S; ++s) {
     SMTC_SIMD
-    for (int64_t a = 0; a < n; ++a) {
-      p[s * n + a] /= sum[a];
-      wp[a] += target_weight(tg[s * n + a], p[s * n + a]) * p[s * n + a];
-    }
+    for (int64_t a = 0; a < n; ++a) wp[a] += target_weight(tg[s * n + a], p[s * n + a]) * p[s * n + a];
   }
   for (int64_t s = 0; s < S; ++s) {
     SMTC_SIMD
