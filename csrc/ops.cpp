@@ -28,6 +28,13 @@ void define_schemas(torch::Library& m) {
       "_sinkhorn_backward(Tensor grad_plan, Tensor grad_f, Tensor grad_g, Tensor cost, Tensor log_mu, "
       "Tensor log_nu, float eps, int iters, float? tol) -> Tensor");
 
+  // Fused L_sem (spec §2.1, csrc/transport_loss/transport_loss.h): student_logits, teacher_logits (B, T, S, n),
+  // teacher_keys (B, T, n, D) -> loss (), targets (B, T, S, n) (sum over j != i of plan_ij @ p_t_j^T, saved for
+  // the backward). The Sinkhorn plans and costs are never materialised; only student_logits gets a gradient.
+  m.def("transport_loss(Tensor student_logits, Tensor teacher_logits, Tensor teacher_keys, float eps, int iters, "
+        "str marginals, str cost) -> (Tensor, Tensor)");
+  m.def("_transport_loss_backward(Tensor grad_loss, Tensor student_logits, Tensor targets) -> Tensor");
+
   // Fused label propagation (CRW / SMTC protocol, csrc/propagate/propagate.h): query (N, D), first_feats (N0, D),
   // first_labels (N0, K), ctx_feats (n, N, D), ctx_labels (n, N, K), grid (h, w) with h*w = N -> labels (N, K).
   // Top-k over frame 0 (all tokens) and the context frames (disc dist < radius on the grid), softmax(logit / T).

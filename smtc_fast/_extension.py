@@ -10,7 +10,7 @@ import os
 import torch
 
 # Public operators (csrc/ops.cpp); each also has a private `_<name>_backward` where differentiable.
-OPS = ("correlation", "slot_aggregate", "sinkhorn", "propagate_labels")
+OPS = ("correlation", "slot_aggregate", "sinkhorn", "propagate_labels", "transport_loss")
 
 _RECORD_PATH = os.path.join(os.path.dirname(__file__), "_build_record.json")
 

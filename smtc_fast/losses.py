@@ -9,7 +9,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from smtc_fast.ops import correlation, sinkhorn
+from smtc_fast.ops import correlation, sinkhorn, transport_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------- L_sem
@@ -59,7 +59,12 @@ def semantic_loss(student_logits, teacher_logits, teacher_keys, eps=0.05, iters=
     sides of the cost). The teacher's soft mask at token b of frame j is the target for the student's mask at the
     token a of frame i it is transported to:
         L = mean_{B x pairs} sum_{a,b} -plan[a,b] * sum_s p_t_j[s,b] * log(p_s_i[s,a] + 1e-8)
-    Gradient flows only into student_logits. Uniform masks give log S (the plan sums to 1).
+    with the plans of `transport_plans` (marginals, cost, eps, iters as there). Gradient flows only into
+    student_logits. Uniform masks give log S (the plan sums to 1).
+
+    Computed by the fused op smtc_fast.ops.transport_loss, which never materialises the (B*T*(T-1), n, n) costs,
+    plans or cross matrices (its reference is the unfused path). Inputs are computed in float32 (float64 if any
+    input is float64), as the official code does in fp32.
     """
     B, T, S, n = student_logits.shape
     if teacher_logits.shape != student_logits.shape:
@@ -69,17 +74,11 @@ def semantic_loss(student_logits, teacher_logits, teacher_keys, eps=0.05, iters=
         raise ValueError(f"teacher_keys must be (B, T, n, D) = ({B}, {T}, {n}, D), got {tuple(teacher_keys.shape)}")
     if T < 2:
         raise ValueError(f"L_sem needs at least 2 frames per clip, got T={T}")
-    pairs = [(i, j) for i in range(T) for j in range(T) if i != j]
-    plan = transport_plans(teacher_keys, pairs, eps, iters, marginals, cost)  # (B, Np, n, n)
-    I = torch.tensor([i for i, _ in pairs], device=student_logits.device)
-    J = torch.tensor([j for _, j in pairs], device=student_logits.device)
-    log_ps = torch.log(student_logits.float().softmax(dim=2) + 1e-8)  # (B, T, S, n)
-    with torch.no_grad():
-        pt = teacher_logits.float().softmax(dim=2)
-    # cross[a, b] = sum_s log p_s_i[s, a] * p_t_j[s, b]: a correlation over the slot dim
-    cross = correlation(log_ps[:, I].transpose(2, 3).flatten(0, 1).contiguous(),
-                        pt[:, J].transpose(2, 3).flatten(0, 1).contiguous())  # (B*Np, n, n)
-    return -(cross * plan.flatten(0, 1)).sum(dim=(1, 2)).mean()
+    dtype = torch.float32
+    for x in (student_logits, teacher_logits, teacher_keys):
+        dtype = torch.promote_types(dtype, x.dtype)
+    return transport_loss(student_logits.to(dtype), teacher_logits.detach().to(dtype), teacher_keys.detach().to(dtype),
+                          eps, iters, marginals, cost)
 
 
 # ---------------------------------------------------------------------------------------------------------------- L_reg

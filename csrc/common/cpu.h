@@ -20,12 +20,14 @@
 #define SMTC_SIMD _Pragma("omp simd")
 #define SMTC_SIMD_MAX(v) _Pragma(SMTC_STR(omp simd reduction(max : v)))
 #define SMTC_SIMD_SUM(v) _Pragma(SMTC_STR(omp simd reduction(+ : v)))
+#define SMTC_SIMD_SUM2(a, b) _Pragma(SMTC_STR(omp simd reduction(+ : a, b)))
 #define SMTC_SIMD_SUM4(a, b, c, d) _Pragma(SMTC_STR(omp simd reduction(+ : a, b, c, d)))
 #define SMTC_SIMD_SUM_MIN(s, mn) _Pragma(SMTC_STR(omp simd reduction(+ : s) reduction(min : mn)))
 #else
 #define SMTC_SIMD
 #define SMTC_SIMD_MAX(v)
 #define SMTC_SIMD_SUM(v)
+#define SMTC_SIMD_SUM2(a, b)
 #define SMTC_SIMD_SUM4(a, b, c, d)
 #define SMTC_SIMD_SUM_MIN(s, mn)
 #endif

@@ -15,3 +15,6 @@ __all__ = [
 from smtc_fast.ops.propagate_labels import propagate_labels, propagate_labels_reference  # noqa: E402
 
 __all__ += ["propagate_labels", "propagate_labels_reference"]
+from smtc_fast.ops.transport_loss import transport_loss, transport_loss_reference  # noqa: E402
+
+__all__ += ["transport_loss", "transport_loss_reference"]

@@ -1,0 +1,287 @@
+"""smtc_fast.ops.transport_loss (fused L_sem): kernel vs the unfused path (its reference) and vs the official
+probability-domain Sinkhorn written out by hand; gradients, gradcheck, opcheck, torch.compile, edge shapes."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smtc_fast
+from smtc_fast.losses import semantic_loss
+from smtc_fast.ops import transport_loss, transport_loss_reference
+from smtc_fast.testing import assert_close_to_reference
+
+from conftest import DEVICES
+
+HAS_KERNEL = smtc_fast.build_info()["cpu_kernels"]
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def inputs(B, T, S, n, D, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(B, T, S, n, generator=g, dtype=dtype) * 2).to(device)
+    t = (torch.randn(B, T, S, n, generator=g, dtype=dtype) * 2).to(device)
+    k = torch.randn(B, T, n, D, generator=g, dtype=dtype).to(device)
+    return s, t, k
+
+
+def kernel_ran(fn):
+    """Runs fn() and returns True if the compiled CPU op was dispatched (not the reference fallback)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == "smtc_fast::transport_loss" for e in prof.events())
+
+
+def official_loss(s_logits, t_logits, keys, eps=0.05, iters=3, marginals="norm", cost="one_minus_cos"):
+    """Spec §2.1 by hand: per ordered pair, K = exp(-M/eps), b = 1, `iters` x (a = mu/(K b), b = nu/(K^T a))."""
+    B, T = s_logits.shape[:2]
+    total, count = 0.0, 0
+    for b in range(B):
+        for i in range(T):
+            for j in range(T):
+                if i == j:
+                    continue
+                fi, fj = F.normalize(keys[b, i], dim=-1), F.normalize(keys[b, j], dim=-1)
+                M = 1 - fi @ fj.T if cost == "one_minus_cos" else -(fi @ fj.T)
+                if marginals == "norm":
+                    mu, nu = fi.abs().sum(-1), fj.abs().sum(-1)
+                else:
+                    mu, nu = torch.ones_like(fi[:, 0]), torch.ones_like(fj[:, 0])
+                mu, nu = mu / mu.sum(), nu / nu.sum()
+                K = torch.exp(-M / eps)
+                a, bb = torch.ones_like(mu), torch.ones_like(nu)
+                for _ in range(iters):
+                    a = mu / (K @ bb)
+                    bb = nu / (K.T @ a)
+                plan = a[:, None] * K * bb[None, :]
+                ps, pt = s_logits[b, i].softmax(0), t_logits[b, j].softmax(0)
+                cross = torch.log(ps + 1e-8).T @ pt  # (n, n)
+                total = total - (cross * plan).sum()
+                count += 1
+    return total / count
+
+
+def compare(shape, dtype, eps=0.05, iters=3, marginals="norm", cost="one_minus_cos", device="cpu"):
+    s, t, k = inputs(*shape, dtype=dtype, device=device)
+    s.requires_grad_()
+    got = transport_loss(s, t, k, eps, iters, marginals, cost)
+    (g_got,) = torch.autograd.grad(got, s)
+    want = transport_loss_reference(s, t, k, eps, iters, marginals, cost)
+    (g_want,) = torch.autograd.grad(want, s)
+    assert_close_to_reference(got, want)
+    scale = g_want.abs().max().item() + 1e-30
+    assert_close_to_reference(g_got / scale, g_want / scale, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    return got, want
+
+
+@needs_kernel
+def test_extension_serves_the_op():
+    info = smtc_fast.build_info()
+    assert info["extension"] and "transport_loss" in info["ops"]
+    s, t, k = inputs(1, 2, 3, 4, 5)
+    assert kernel_ran(lambda: transport_loss(s, t, k))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("marginals", ["norm", "uniform"])
+@pytest.mark.parametrize("cost", ["one_minus_cos", "neg_cos"])
+@pytest.mark.parametrize("iters", [3, 1, 0, 6])
+def test_values_and_gradients_equal_unfused_path(dtype, marginals, cost, iters):
+    s, t, k = inputs(2, 4, 16, 40, 24, dtype=dtype)
+    assert kernel_ran(lambda: transport_loss(s, t, k, 0.05, iters, marginals, cost))
+    compare((2, 4, 16, 40, 24), dtype, 0.05, iters, marginals, cost)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 3, 5, 37, 7), (1, 2, 4, 256, 64), (2, 5, 2, 9, 3)])
+def test_odd_shapes_and_frame_counts(dtype, shape):
+    compare(shape, dtype, eps=0.1, iters=3)
+
+
+@needs_kernel
+def test_official_shape_float32():
+    """SMTC's per-clip shape (T 4, S 16, n 256, D 384), a few clips: the kernel at the size it runs at."""
+    compare((3, 4, 16, 256, 384), torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("marginals", ["norm", "uniform"])
+@pytest.mark.parametrize("cost", ["one_minus_cos", "neg_cos"])
+def test_equals_official_probability_domain(marginals, cost):
+    s, t, k = inputs(2, 3, 5, 10, 6)
+    got = transport_loss(s, t, k, 0.05, 3, marginals, cost)
+    torch.testing.assert_close(got, official_loss(s, t, k, 0.05, 3, marginals, cost), rtol=1e-10, atol=1e-12)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_log_domain_fallback(dtype):
+    """Tiny eps: exp(-(1 - cos)/eps) underflows, the scaling bounds are crossed and the kernel solves such pairs
+    in the log domain (transport_loss_cpu.cpp); the result must still equal the reference's log-domain path."""
+    eps = 0.002 if dtype == torch.float64 else 0.01
+    s, t, k = inputs(2, 3, 4, 12, 3, dtype=dtype)  # D = 3: cosines spread over [-1, 1]
+    s.requires_grad_()
+    got = transport_loss(s, t, k, eps, 4)
+    want = transport_loss_reference(s, t, k, eps, 4)
+    assert torch.isfinite(got)
+    assert_close_to_reference(got, want, rtol=1e-9 if dtype == torch.float64 else 1e-4)
+    (g_got,) = torch.autograd.grad(got, s)
+    (g_want,) = torch.autograd.grad(want, s)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=1e-7)
+
+
+@needs_kernel
+def test_zero_keys_and_repeated_frames():
+    """A zero key (F.normalize gives 0: cos 0, L1 marginal 0, a zero-mass row) and a clip of identical frames
+    (cos = 1 on the diagonal, 1 - cos ~ -1e-7 by rounding)."""
+    s, t, k = inputs(2, 3, 4, 16, 8)
+    k = k.clone()
+    k[0, 1, 3] = 0.0
+    k[1, 1] = k[1, 0]
+    k[1, 2] = k[1, 0]
+    s.requires_grad_()
+    got = transport_loss(s, t, k)
+    want = transport_loss_reference(s, t, k)
+    assert_close_to_reference(got, want)
+    assert_close_to_reference(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0])
+
+
+def test_uniform_masks_give_log_S():
+    B, T, S, n, D = 2, 4, 16, 12, 8
+    logits = torch.zeros(B, T, S, n)
+    loss = transport_loss(logits, torch.randn(B, T, S, n), torch.randn(B, T, n, D))
+    torch.testing.assert_close(loss, torch.tensor(math.log(S)), atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_no_gradient_to_the_teacher():
+    s, t, k = inputs(1, 2, 3, 5, 4)
+    s.requires_grad_()
+    t.requires_grad_()
+    k.requires_grad_()
+    transport_loss(s, t, k).backward()
+    assert s.grad is not None and t.grad is None and k.grad is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1, 1), (1, 2, 3, 1, 2), (2, 2, 1, 6, 1), (1, 3, 2, 4, 1)])
+def test_size_one_dims(shape):
+    compare(shape, torch.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5, 6), (2, 3, 4, 0, 6), (2, 3, 0, 5, 6)])
+def test_empty_dims(shape):
+    s, t, k = inputs(*shape)
+    s.requires_grad_()
+    got = transport_loss(s, t, k)
+    want = transport_loss_reference(s, t, k)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    got.backward()
+    assert s.grad.shape == s.shape
+
+
+@needs_kernel
+def test_non_contiguous_inputs():
+    s, t, k = inputs(2, 3, 4, 10, 6)
+    s2 = s.transpose(2, 3).contiguous().transpose(2, 3)
+    k2 = k.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not s2.is_contiguous() and not k2.is_contiguous()
+    torch.testing.assert_close(transport_loss(s2, t, k2), transport_loss_reference(s, t, k), rtol=1e-10, atol=1e-12)
+
+
+@needs_kernel
+def test_gradcheck_float64():
+    s, t, k = inputs(1, 3, 3, 4, 3)
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: transport_loss(x, t, k, 0.3, 4), (s,))
+
+
+@needs_kernel
+def test_opcheck():
+    s, t, k = inputs(2, 3, 4, 5, 6, dtype=torch.float32)
+    s.requires_grad_()
+    torch.library.opcheck(torch.ops.smtc_fast.transport_loss.default, (s, t, k, 0.05, 3, "norm", "one_minus_cos"))
+    torch.library.opcheck(torch.ops.smtc_fast.transport_loss.default, (s, t, k, 0.2, 0, "uniform", "neg_cos"))
+
+
+@needs_kernel
+def test_torch_compile_fullgraph():
+    s, t, k = inputs(2, 3, 4, 6, 5, dtype=torch.float32)
+    s.requires_grad_()
+    compiled = torch.compile(lambda a, b, c: transport_loss(a, b, c), fullgraph=True, backend="eager")
+    got = compiled(s, t, k)
+    (g,) = torch.autograd.grad(got, s)
+    assert kernel_ran(lambda: compiled(s, t, k))
+    want = transport_loss_reference(s, t, k)
+    assert_close_to_reference(got, want)
+    assert_close_to_reference(g, torch.autograd.grad(want, s)[0], atol=1e-6)
+
+
+@needs_kernel
+def test_forced_reference_equals_kernel(monkeypatch):
+    s, t, k = inputs(2, 3, 4, 8, 5, dtype=torch.float32)
+    kernel = transport_loss(s, t, k)
+    monkeypatch.setenv("SMTC_FAST_FORCE_REFERENCE", "1")
+    assert not kernel_ran(lambda: transport_loss(s, t, k))
+    assert_close_to_reference(transport_loss(s, t, k), kernel)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_semantic_loss_uses_the_op_and_keeps_its_options(device):
+    s, t, k = inputs(2, 3, 4, 9, 5, dtype=torch.float32, device=device)
+    for marginals, cost, eps, iters in [("norm", "one_minus_cos", 0.05, 3), ("uniform", "neg_cos", 0.1, 5)]:
+        got = semantic_loss(s, t, k, eps, iters, marginals, cost)
+        assert_close_to_reference(got, transport_loss_reference(s, t, k, eps, iters, marginals, cost))
+    if device == "cpu" and HAS_KERNEL:
+        assert kernel_ran(lambda: semantic_loss(s, t, k))
+    # bf16 inputs are computed in float32, as before
+    got = semantic_loss(s.bfloat16(), t.bfloat16(), k.bfloat16())
+    want = transport_loss_reference(s.bfloat16().float(), t.bfloat16().float(), k.bfloat16().float())
+    assert got.dtype == torch.float32
+    assert_close_to_reference(got, want)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(student_logits=torch.rand(2, 3, 4)), "student_logits must be 4-D"),
+    (dict(teacher_logits=torch.rand(2, 3, 4, 6)), "teacher_logits .* must match"),
+    (dict(teacher_keys=torch.rand(2, 3, 6, 7)), "teacher_keys must be"),
+    (dict(teacher_keys=torch.rand(2, 3, 5, 7).double()), "same dtype"),
+    (dict(teacher_logits=torch.rand(2, 3, 4, 5, device="meta")), "same device"),
+    (dict(student_logits=torch.randint(0, 3, (2, 3, 4, 5))), "floating-point"),
+    (dict(eps=0.0), "eps must be"),
+    (dict(eps=float("inf")), "eps must be"),
+    (dict(iters=-1), "iters must be"),
+    (dict(iters=1.5), "iters must be"),
+    (dict(marginals="l2"), "marginals must be"),
+    (dict(cost="cos"), "cost must be"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(student_logits=torch.rand(2, 3, 4, 5), teacher_logits=torch.rand(2, 3, 4, 5),
+                teacher_keys=torch.rand(2, 3, 5, 7))
+    args.update(kwargs)
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
+        transport_loss(**args)
+
+
+def test_one_frame_is_rejected():
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        transport_loss(torch.rand(2, 1, 4, 5), torch.rand(2, 1, 4, 5), torch.rand(2, 1, 5, 7))
+
+
+@needs_kernel
+def test_cpp_op_validates_too():
+    s, t, k = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5), torch.rand(2, 3, 5, 7)
+    with pytest.raises(RuntimeError, match="eps must be"):
+        torch.ops.smtc_fast.transport_loss(s, t, k, -1.0, 3, "norm", "one_minus_cos")
+    with pytest.raises(RuntimeError, match="marginals must be"):
+        torch.ops.smtc_fast.transport_loss(s, t, k, 0.05, 3, "l1", "one_minus_cos")
+    with pytest.raises(RuntimeError, match="tokens n"):
+        torch.ops.smtc_fast.transport_loss(s, t, torch.rand(2, 3, 6, 7), 0.05, 3, "norm", "one_minus_cos")
+    with pytest.raises(RuntimeError, match="at least 2 frames"):
+        torch.ops.smtc_fast.transport_loss(s[:, :1], t[:, :1], k[:, :1], 0.05, 3, "norm", "one_minus_cos")
+    with pytest.raises(RuntimeError, match="targets must have the shape"):
+        torch.ops.smtc_fast._transport_loss_backward(torch.ones(()), s, torch.rand(2, 3, 4, 6))
