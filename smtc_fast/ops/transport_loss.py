@@ -92,7 +92,7 @@ def transport_loss(student_logits, teacher_logits, teacher_keys, eps=0.05, iters
                    cost="one_minus_cos"):
     """Fused L_sem (see the module docstring). Differentiable w.r.t. student_logits only."""
     _check(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost)
-    if not use_kernel(student_logits, KERNEL_DTYPES.get(student_logits.device.type, ())):
+    if not use_kernel(student_logits, KERNEL_DTYPES):  # the emulated CUDA device counts as 'cuda': no kernel
         return transport_loss_reference(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost)
     loss, _ = torch.ops.smtc_fast.transport_loss(student_logits, teacher_logits.detach(), teacher_keys.detach(),
                                                  float(eps), int(iters), marginals, cost)
