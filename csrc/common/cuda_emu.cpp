@@ -30,6 +30,7 @@
 extern "C" {
 void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, std::size_t size);
 void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, std::size_t* size_old);
+void __asan_unpoison_memory_region(void const volatile* addr, std::size_t size);
 }
 #endif
 #if defined(__SANITIZE_THREAD__)
@@ -349,11 +350,17 @@ void report_deadlock(Block& b) {
 }
 
 void run_block(Block& b) {
+  const std::size_t guard = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
   for (Fiber& f : b.fibers) {
     f.state = State::kRunnable;
     f.view.block_idx = b.block_idx;
+#if defined(__SANITIZE_ADDRESS__)
+    // A fiber abandoned after a fault left its frames' redzones poisoned; the reused stack starts clean.
+    __asan_unpoison_memory_region(f.stack + guard, stack_bytes() - guard);
+#endif
     make_context(f.ctx, f.stack, stack_bytes(), fiber_main);
   }
+  (void)guard;
   for (auto& w : b.warps) w.clear();
   b.live = b.nthreads;
   b.at_barrier = 0;
