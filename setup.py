@@ -118,6 +118,7 @@ def _extensions():
             raise SystemExit(f"SMTC_FAST_EMU_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
         cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g"] + flags
         link = link + flags
+        record["sanitize"] = sanitize
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
     nvcc += ["--expt-relaxed-constexpr"]
     define_macros = [] if debug else [("NDEBUG", None)]

@@ -86,6 +86,21 @@ def test_warp_collectives_are_real_exchanges(schedule):
     assert torch.equal(out[6], (torch.arange(32) ^ 8).float())                    # two half-warps apart
 
 
+@pytest.mark.skipif(smtc_fast.build_info().get("sanitize") != "address",
+                    reason="needs the AddressSanitizer build (make test-cuda-emu-asan)")
+def test_out_of_bounds_read_in_a_kernel_is_caught_by_asan():
+    """A kernel reading one element past its input: under ASan the tier's fibers run with the sanitizer, and the
+    report names the kernel's source line."""
+    import subprocess
+    import sys
+
+    code = "from smtc_fast import _extension; _extension._C.emu_selftest('out_of_bounds')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0:detect_odr_violation=0"))
+    assert res.returncode != 0
+    assert "heap-buffer-overflow" in res.stderr and "out_of_bounds_kernel" in res.stderr
+
+
 def test_order_dependent_float_atomic_shows_as_a_difference():
     sums = {float(selftest("float_atomic", s)[1][0]) for s in ("forward", "reverse", "random:1", "random:2")}
     assert len(sums) > 1

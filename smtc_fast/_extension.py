@@ -79,6 +79,7 @@ def build_info():
         "why_no_cuda": None,
         "cuda_emu": False,
         "why_no_cuda_emu": None,
+        "sanitize": record.get("sanitize"),  # "address" / "thread": a sanitizer build (make test-cuda-emu-asan/-tsan)
     }
     if _C is None:
         info["why_no_extension"] = record.get("why_no_extension") or (
