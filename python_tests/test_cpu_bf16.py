@@ -3,6 +3,8 @@
 CPU autocast runs on any CPU (bf16 is emulated without AVX512-BF16 / AMX), so these tests run everywhere; where
 the trainer's choice matters they pretend the CPU has native bf16 (monkeypatched smtc_fast.precision.cpu_bf16).
 """
+import json
+
 import pytest
 import torch
 
@@ -132,8 +134,8 @@ def test_train_amp_on_cpu_tracks_float32(tmp_path, monkeypatch, capsys):
                           encoder_lr_mult=1.0, workers=0, log_every=1, quiet=False, amp=amp, device="cpu")
         summary = train(cfg, small_model(depth=1, num_slots=4, num_instances=2))
         assert summary["exit_code"] == 0
-        curves[amp] = [r["loss"] for r in map(__import__("json").loads,
-                                              open(tmp_path / f"amp{int(amp)}" / "metrics.jsonl"))]
+        with open(tmp_path / f"amp{int(amp)}" / "metrics.jsonl") as f:
+            curves[amp] = [json.loads(line)["loss"] for line in f]
     out = capsys.readouterr().out
     assert "precision float32 (--no-amp)" in out and "precision bf16 autocast (CPU avx512_bf16)" in out
     print("float32:", curves[False], "\nbf16:   ", curves[True])
