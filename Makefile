@@ -81,6 +81,7 @@ bench: $(BUILT)
 	$(PY) bench/bench_ops.py --json bench_out/bench_ops.json
 	$(PY) bench/bench_propagation.py --json bench_out/bench_propagation.json
 	$(PY) bench/bench_eval.py --json bench_out/bench_eval.json
+	$(PY) bench/bench_data.py --json bench_out/bench_data.json
 
 clean:
 	rm -rf build build-asan build-tsan *.egg-info smtc_fast/_C*.so $(BUILT)

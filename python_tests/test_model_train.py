@@ -30,7 +30,7 @@ def tiny_model(**kw):
 
 def tiny_train(tmp, **kw):
     base = dict(output=str(tmp), steps=4, batch_size=2, lr=1e-3, grad_iter=2, workers=0, log_every=1,
-                save_every=1000, quiet=True)
+                save_every=1000, quiet=True, amp=False)  # parity tests stay float32 (bf16: test_cpu_bf16.py)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -96,7 +96,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 def _cli(tmp, *extra, world=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     args = ["train", "--output", str(tmp), "--batch-size", str(4 // world), "--workers", "0", "--log-every", "1",
-            "--lr", "1e-3", "--grad-iter", "0", "--drop-path-rate", "0", "--quiet", *TINY, *extra]
+            "--lr", "1e-3", "--grad-iter", "0", "--drop-path-rate", "0", "--quiet", "--no-amp", *TINY, *extra]
     if world == 1:
         cmd = [sys.executable, "-m", "smtc_fast.cli", *args]
     else:

@@ -59,9 +59,13 @@ def build_info():
     Returns a dict: extension (bool), cpu_kernels (bool), cuda_kernels (bool), cuda_archs (list of str),
     torch_version, torch_cuda_version (None for CPU torch), compiled_torch_version, compiled_cuda_version,
     cuda_available (a GPU is visible now), force_reference (SMTC_FAST_FORCE_REFERENCE is set),
-    ops (registered operator names), why_no_extension / why_no_cuda (None or a sentence), cuda_emu (the CPU
-    execution tier of the CUDA kernels, torch.ops.smtc_fast_cuda_emu, was built), why_no_cuda_emu.
+    cpu_bf16 (the CPU's native bf16 instructions, 'amx_bf16' / 'avx512_bf16', or None: then `--amp` on the CPU
+    means float32; smtc_fast.precision), ops (registered operator names), why_no_extension / why_no_cuda
+    (None or a sentence), cuda_emu (the CPU execution tier of the CUDA kernels, torch.ops.smtc_fast_cuda_emu, was
+    built), why_no_cuda_emu, sanitize.
     """
+    from smtc_fast.precision import cpu_bf16
+
     record = _read_record()
     info = {
         "extension": _C is not None,
@@ -74,6 +78,7 @@ def build_info():
         "compiled_cuda_version": None,
         "cuda_available": torch.cuda.is_available(),
         "force_reference": force_reference(),
+        "cpu_bf16": cpu_bf16(),
         "ops": [],
         "why_no_extension": None,
         "why_no_cuda": None,

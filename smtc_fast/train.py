@@ -42,6 +42,7 @@ object_loss, overlap_loss, semantic_loss, valid_instances = (
     lazy("smtc_fast.losses", name) for name in ("object_loss", "overlap_loss", "semantic_loss", "valid_instances"))
 SMTC, load_dino = lazy("smtc_fast.models.smtc", "SMTC"), lazy("smtc_fast.models.smtc", "load_dino")
 load_backbone = lazy("smtc_fast.models.smtc", "load_backbone")
+precision = lazy("smtc_fast.precision")
 
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
@@ -71,6 +72,7 @@ class TrainConfig:
     cost: str = "one_minus_cos"        # 'one_minus_cos' (official) | 'neg_cos' (paper Eq. 8)
     obj_variant: str = "cos"           # 'cos' (official hinge) | 'l2' (paper Eq. 12)
     obj_margin: float = 0.5
+    jpeg_draft: bool = True            # decode JPEGs >= 2x the training size at 1/2..1/8 scale (data/clips.py)
     augment: bool = True               # the official photometric augmentation
     crop_flip: bool = False            # the paper's random crop + flip
     synthetic_objects: int = 2
@@ -85,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
-    amp: bool = True                   # bf16 autocast on CUDA (ignored on the CPU)
+    amp: bool = True                   # bf16 autocast on CUDA and on CPUs with native bf16 (smtc_fast.precision)
     log_every: int = 10
     save_every: int = 500
     quiet: bool = False                # no progress bar / start banner
@@ -339,13 +341,17 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
     # ---- data
     H, W = model_cfg.resolution
     kwargs = {"num_objects": cfg.synthetic_objects} if "synthetic" in cfg.data.split(",") else {}
-    dataset = open_clips(cfg.data, cfg.num_frames, cfg.gap, (H, W), cfg.seed, **kwargs)
+    # Real clips come from the workers as uint8 (a quarter of the bytes of float32) and become float on the device.
+    dataset = open_clips(cfg.data, cfg.num_frames, cfg.gap, (H, W), cfg.seed, uint8=True, draft=cfg.jpeg_draft,
+                         **kwargs)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=StepSampler(start_step, cfg.steps, cfg.batch_size, world, rank),
         num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=False)
     S, P, D = model_cfg.num_slots, model_cfg.num_instances, student.transport_proj.out_channels
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+    # bf16 autocast where the device computes bf16 natively (CUDA; AVX512-BF16 / AMX CPUs), else float32. The
+    # losses run outside it, in float32 (they cast their inputs up: losses.py).
+    autocast = precision.autocast(device, cfg.amp)
 
     # ---- logging
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
@@ -355,7 +361,8 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
             json.dump({"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(), "world_size": world,
                        "commit": git_commit()}, f, indent=1)
         if not cfg.quiet:
-            print(f"smtc train  commit {git_commit()}  world {world}  device {device}  start step {start_step}")
+            print(f"smtc train  commit {git_commit()}  world {world}  device {device}  "
+                  f"precision {precision.describe(device, cfg.amp)}  start step {start_step}")
             print("train config:", json.dumps(dataclasses.asdict(cfg)))
             print("model config:", json.dumps(model_cfg.to_dict()))
         try:
@@ -381,7 +388,9 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
     t0 = time.time()
     try:
         for batch in loader:
-            frames = batch["frames"].to(device, non_blocking=True)  # (B, T, 3, H, W) in [0, 1]
+            frames = batch["frames"].to(device, non_blocking=True)  # (B, T, 3, H, W) uint8, or float (synthetic)
+            if frames.dtype == torch.uint8:
+                frames = frames.float().div_(255.0)  # in [0, 1]
             idx = batch["index"].tolist()
             T = frames.shape[1]
             x_s = augment_clips(frames, [_mix(cfg.seed, i, 1) for i in idx], cfg.augment, cfg.crop_flip)
@@ -516,6 +525,8 @@ _TRAIN_HELP = {
     "cost": "L_sem cost: 'one_minus_cos' (official) or 'neg_cos' (paper Eq. 8)",
     "obj_variant": "L_obj: 'cos' (official hinge) or 'l2' (paper Eq. 12)",
     "obj_margin": "L_obj margin lambda",
+    "jpeg_draft": "decode a JPEG frame at least twice the training size at 1/2, 1/4 or 1/8 scale (libjpeg DCT "
+                  "scaling), then resize as the official loader; --no-jpeg-draft decodes in full as it does",
     "augment": "official photometric augmentation",
     "crop_flip": "the paper's random resized crop + horizontal flip",
     "synthetic_objects": "objects per synthetic clip",
@@ -530,7 +541,8 @@ _TRAIN_HELP = {
     "seed": "seed: data, augmentation and instance noise are functions of (seed, clip index)",
     "workers": "data-loading worker processes",
     "device": "'auto', 'cpu' or 'cuda'",
-    "amp": "bf16 autocast on CUDA",
+    "amp": "bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: "
+           "smtc_fast.build_info()['cpu_bf16']); elsewhere, and with --no-amp, float32",
     "log_every": "steps between metrics.jsonl records",
     "save_every": "steps between checkpoints (also saved at the end and on SIGINT/SIGTERM)",
     "quiet": "no progress bar or start banner",

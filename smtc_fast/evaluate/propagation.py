@@ -16,6 +16,7 @@ the video length. The affinity is computed in chunks of queries with a running t
 (N, 21 N) matrix ever exists. The dense step lives in `propagate_dense`, which the fused kernel
 `smtc_fast.ops.propagate_labels` will replace one for one.
 """
+import argparse
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ from smtc_fast.evaluate import metrics
 
 torch = lazy("torch")  # imported when a function runs: `smtc eval-prop --help` stays fast (smtc_fast/_lazy.py)
 F = lazy("torch.nn.functional")
+precision = lazy("smtc_fast.precision")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # CRW vos.py / SMTC eval_prop (§2.1)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -236,13 +238,17 @@ class ViTTokens:
 
     `model` is an SMTC model (its encoder is used, like the official eval_prop) or a bare timm ViT (a DINO
     backbone). Images are resized (bilinear) to a multiple of the patch size first, as the official code does.
+    `amp`: run the ViT under bf16 autocast where the device computes bf16 natively (smtc_fast.precision; `smtc
+    eval-prop --amp`, its default). The tokens come back float32 either way; feature_stream L2-normalises them in
+    float32. Off here, so the Python API is float32 unless asked.
     """
 
-    def __init__(self, model, batch_size=16):
+    def __init__(self, model, batch_size=16, amp=False):
         from smtc_fast.models import vit_forward  # noqa: F401  (import check: the model package must be there)
 
         self.model = model.eval()
         self.batch_size = batch_size
+        self.amp = amp
 
     @no_grad
     def __call__(self, images):  # (B, 3, H, W) -> (B, D, h, w)
@@ -255,8 +261,9 @@ class ViTTokens:
             images = F.interpolate(images, size=(h // s * s, w // s * s), mode="bilinear", align_corners=False)
         outs = []
         for i in range(0, images.shape[0], self.batch_size):
-            _, tok, (gh, gw) = vit_forward(enc, images[i:i + self.batch_size], return_tokens=True)
-            outs.append(tok.transpose(1, 2).reshape(tok.shape[0], -1, gh, gw))
+            with precision.autocast(images.device, self.amp):
+                _, tok, (gh, gw) = vit_forward(enc, images[i:i + self.batch_size], return_tokens=True)
+            outs.append(tok.float().transpose(1, 2).reshape(tok.shape[0], -1, gh, gw))
         return torch.cat(outs)
 
 
@@ -498,7 +505,7 @@ def build_feature_fn(args):
         model, kind = load_checkpoint(args.checkpoint)
         print(f"loaded {kind} checkpoint {args.checkpoint}: using its encoder's last-block tokens (spec §4.1)")
         _preset_note(args.preset, model.encoder.stride)
-        return ViTTokens(model.to(args.device), batch_size=args.batch_size)
+        return ViTTokens(model.to(args.device), batch_size=args.batch_size, amp=args.amp)
     if args.features == "timm":
         from smtc_fast.models import create_vit, load_backbone_weights
 
@@ -508,7 +515,7 @@ def build_feature_fn(args):
         else:
             print("warning: --features timm without --checkpoint uses random weights", file=sys.stderr)
         _preset_note(args.preset, vit.stride)
-        return ViTTokens(vit.to(args.device), batch_size=args.batch_size)
+        return ViTTokens(vit.to(args.device), batch_size=args.batch_size, amp=args.amp)
     raise SystemExit(f"unknown --features {args.features!r}")
 
 
@@ -654,6 +661,9 @@ def add_arguments(parser):
     parser.add_argument("--chunk", type=int, default=1024, help="queries per affinity chunk (memory only)")
     parser.add_argument("--device", default="auto", type=resolve_device,
                         help="device: auto = cuda when available, else cpu")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="features under bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: "
+                             "smtc_fast.build_info()['cpu_bf16']); elsewhere, and with --no-amp, float32")
     parser.add_argument("--max-videos", type=int, default=None, help="JHMDB: only the first N videos")
     parser.add_argument("--kernel", default="fused", choices=["dense", "fused"],
                         help="propagation step: fused (default) = the smtc_fast.ops.propagate_labels operator "
@@ -667,6 +677,8 @@ def run(args):
     t0 = time.time()
     preset = resolve_preset(args)
     print(f"smtc eval-prop: dataset {args.dataset}, preset {args.preset} -> {asdict(preset)}")
+    if args.features != "color":
+        print(f"features: {precision.describe(args.device, args.amp)}")
     feature_fn = build_feature_fn(args)
     kernel = "dense" if args.dense else args.kernel
     step = resolve_step(kernel)
@@ -691,6 +703,7 @@ def run(args):
     summary.update({"dataset": args.dataset, "preset": args.preset, "settings": asdict(preset),
                     "features": args.features, "checkpoint": args.checkpoint, "crop_size": crop,
                     "kernel": kernel,
+                    "precision": "float32" if args.features == "color" else precision.describe(args.device, args.amp),
                     "seconds": time.time() - t0})
     write_summary(summary, args.out, f"eval_prop-{args.dataset}")
     return 0

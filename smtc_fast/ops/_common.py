@@ -66,6 +66,19 @@ def use_kernel(x, dtypes=None):
     return x.dtype in dtypes
 
 
+def autocast_inputs(*tensors):
+    """Under CPU autocast, bf16/fp16 CPU tensors -> float32 (others and None unchanged).
+
+    The CPU kernels are compiled for float32/float64 only; without this cast an op called inside
+    `torch.autocast("cpu")` would see the bf16 outputs of the autocast GEMMs before it and fall back to the
+    reference in bf16 (bf16 accumulation in the slot attention's weighted means). Casting up makes the op one of
+    autocast's float32 ops, and its float32 result flows on; gradients are cast back by autograd."""
+    if not torch.is_autocast_enabled("cpu"):
+        return tensors
+    return tuple(t.float() if t is not None and t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+                 else t for t in tensors)
+
+
 def check_tensor(name, x, ndim=None, floating=True):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

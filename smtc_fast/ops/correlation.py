@@ -12,7 +12,7 @@ Backward: grad_a = grad @ b, grad_b = grad^T @ a (registered op `_correlation_ba
 """
 import torch
 
-from smtc_fast.ops._common import NAMESPACES, check_dim, check_same, check_tensor, kernel_ops, use_kernel
+from smtc_fast.ops._common import NAMESPACES, autocast_inputs, check_dim, check_same, check_tensor, kernel_ops, use_kernel
 
 
 def _check(a, b):
@@ -30,7 +30,9 @@ def correlation_reference(a, b):
 
 
 def correlation(a, b):
-    """C = a @ b^T per batch: a (B, N, D), b (B, M, D) -> (B, N, M). Differentiable in a and b."""
+    """C = a @ b^T per batch: a (B, N, D), b (B, M, D) -> (B, N, M). Differentiable in a and b.
+    Under CPU autocast, bf16 inputs run the float32 kernel (float32 result; ops._common.autocast_inputs)."""
+    a, b = autocast_inputs(a, b)
     _check(a, b)
     if use_kernel(a):
         return kernel_ops(a).correlation(a, b)

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from smtc_fast.ops._common import NAMESPACES, check_same, check_tensor, kernel_ops, use_kernel
+from smtc_fast.ops._common import NAMESPACES, autocast_inputs, check_same, check_tensor, kernel_ops, use_kernel
 
 KERNEL_CPU_DTYPES = (torch.float32, torch.float64)
 KERNEL_CUDA_DTYPES = (torch.float32, torch.float64)
@@ -88,7 +88,9 @@ def sinkhorn_reference(cost, log_mu=None, log_nu=None, eps=0.05, iters=3, tol=No
 
 
 def sinkhorn(cost, log_mu=None, log_nu=None, eps=0.05, iters=3, tol=None, return_potentials=False):
-    """Batched log-domain Sinkhorn (see the module docstring). Differentiable w.r.t. cost."""
+    """Batched log-domain Sinkhorn (see the module docstring). Differentiable w.r.t. cost.
+    Under CPU autocast, bf16 inputs run the float32 kernel (ops._common.autocast_inputs)."""
+    cost, log_mu, log_nu = autocast_inputs(cost, log_mu, log_nu)
     _check(cost, log_mu, log_nu, eps, iters, tol)
     if not use_kernel(cost, {"cpu": KERNEL_CPU_DTYPES, "cuda": KERNEL_CUDA_DTYPES}):
         return sinkhorn_reference(cost, log_mu, log_nu, eps, iters, tol, return_potentials)

@@ -25,7 +25,7 @@ divide) is the official one, so the reference matches it bit for bit in float64.
 """
 import torch
 
-from smtc_fast.ops._common import NAMESPACES, check_dim, check_same, check_tensor, kernel_ops, use_kernel
+from smtc_fast.ops._common import NAMESPACES, autocast_inputs, check_dim, check_same, check_tensor, kernel_ops, use_kernel
 
 
 def _check(logits, values, mask, eps):
@@ -65,7 +65,9 @@ def slot_aggregate_reference(logits, values, mask=None, eps=1e-8):
 
 
 def slot_aggregate(logits, values, mask=None, eps=1e-8):
-    """Attention + weighted mean of one slot-attention step (stage 1 or 2, see the module docstring)."""
+    """Attention + weighted mean of one slot-attention step (stage 1 or 2, see the module docstring).
+    Under CPU autocast, bf16 inputs run the float32 kernel (float32 results; ops._common.autocast_inputs)."""
+    logits, values = autocast_inputs(logits, values)
     _check(logits, values, mask, eps)
     if not use_kernel(logits):
         return slot_aggregate_reference(logits, values, mask, eps)
