@@ -351,24 +351,27 @@ def test_cuda_kernel_zero_keys_and_repeated_frames(device):
 
 @pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_kernel_has_no_log_domain_fallback(device, dtype):
-    """Where the scalings leave the bounds of transport_loss.h (eps so small that rows of K underflow), the CUDA
-    kernel has no log-domain fallback: the loss is NaN, loudly (the official probability-domain code gives inf/NaN
-    there too), while the CPU kernel solves those pairs in the log domain and matches the reference."""
+def test_cuda_kernel_log_domain_fallback(device, dtype):
+    """Tiny eps: rows of K underflow, the scalings leave the bounds of transport_loss.h (the probability-domain
+    iterations alone give NaN here) and the pair's block solves it again in the log domain, as the CPU kernel does;
+    loss and gradient must equal the reference's log-domain path."""
     eps = 0.002 if dtype == torch.float64 else 0.01
-    s, t, k = inputs(2, 3, 4, 12, 3, dtype=dtype, device=device)
-    assert torch.isnan(_cuda_kernel_ran(device, lambda: transport_loss(s, t, k, eps, 4)))
-    if HAS_KERNEL and isinstance(device, EmuDevice):
-        cpu = torch.ops.smtc_fast.transport_loss(s, t, k, eps, 4, "norm", "one_minus_cos")[0]
-        assert torch.isfinite(cpu)
-        assert_close_to_reference(cpu, transport_loss_reference(s, t, k, eps, 4),
-                                  rtol=1e-9 if dtype == torch.float64 else 1e-4)
+    s, t, k = inputs(2, 3, 4, 12, 3, dtype=dtype, device=device)  # D = 3: cosines spread over [-1, 1]
+    s.requires_grad_()
+    got = _cuda_kernel_ran(device, lambda: transport_loss(s, t, k, eps, 4))
+    want = transport_loss_reference(s, t, k, eps, 4)
+    assert torch.isfinite(got)
+    assert_close_to_reference(got, want, rtol=1e-9 if dtype == torch.float64 else 1e-4)
+    (g_got,) = torch.autograd.grad(got, s)
+    (g_want,) = torch.autograd.grad(want, s)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=1e-7)
 
 
 @pytest.mark.cuda_emu
 @pytest.mark.skipif(not smtc_fast.build_info()["cuda_emu"], reason="the CUDA execution tier is not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_kernel_bitwise_identical_across_schedules(monkeypatch, dtype):
+@pytest.mark.parametrize("eps", [0.05, 0.003])  # 0.003: pairs solved by the log-domain fallback too
+def test_cuda_kernel_bitwise_identical_across_schedules(monkeypatch, dtype, eps):
     """Fixed-order reductions, no atomics: loss, targets and gradient are the same bits under every thread order."""
     from smtc_fast.ops import _common
 
@@ -377,7 +380,8 @@ def test_cuda_kernel_bitwise_identical_across_schedules(monkeypatch, dtype):
     with _common.emulated_cuda():
         for schedule in ("forward", "reverse", "random:3", "random:11"):
             monkeypatch.setenv("SMTC_FAST_EMU_SCHEDULE", schedule)
-            loss, targets = torch.ops.smtc_fast_cuda_emu.transport_loss(s, t, k, 0.05, 3, "norm", "one_minus_cos")
+            loss, targets = torch.ops.smtc_fast_cuda_emu.transport_loss(s, t, k, eps, 3, "norm", "one_minus_cos")
+            assert torch.isfinite(loss)
             grad = torch.ops.smtc_fast_cuda_emu._transport_loss_backward(torch.ones((), dtype=dtype), s, targets)
             results.append((loss, targets, grad))
     for other in results[1:]:

@@ -16,9 +16,11 @@
 // coalesced). The vectors a1, x1, a2, x2 (4n) live in shared memory; K stays in global memory / L2 (256 KB per
 // pair at n = 256 in float32: more than a block's 227 KB of shared memory).
 //
-// No log-domain fallback: a pair whose scalings leave the bounds of transport_loss.h (eps far below SMTC's 0.05:
-// rows of K underflow) gets NaN scalings, so the loss is NaN (the official probability-domain code gives inf/NaN
-// there too). The CPU kernel solves such pairs in the log domain instead; use it or the reference for such eps.
+// Log-domain fallback: a pair whose scalings leave the bounds of transport_loss.h (eps far below SMTC's 0.05: rows
+// of K underflow) is solved again in the log domain by its block, as in the CPU kernel (the reference's log-domain
+// Sinkhorn on C = 1 - cos, recomputed from the keys over K's buffer), and its contractions are done in the block
+// (its `flag` tells the combine kernel to take them instead of the GEMMs'). Scalar and unhurried: never at SMTC's
+// settings.
 //
 // Roofline at SMTC's shape on an H100 SXM (B = 32 clips, T = 4: 192 pairs, n = 256, D = 384, S = 16, float32;
 // 3.35 TB/s, 67 TFLOP/s FP32, 16 exps/SM/clk x 132 SMs x 1.75 GHz = 3.7 T exp/s):
@@ -31,6 +33,7 @@
 // So the op is bound by the dot-product GEMM's FP32 arithmetic (~150 us), then by the L2 traffic of the passes over
 // K; the pair kernel's serial part (one block per pair, 7 passes) is not yet measured on a GPU.
 #include "common/cuda_utils.cuh"
+#include "sinkhorn/sinkhorn.h"
 #include "transport_loss/transport_loss.h"
 #include "transport_loss/transport_loss_cuda.h"
 
@@ -162,11 +165,78 @@ __device__ __forceinline__ void column_pass(const T* K, int64_t ld, int64_t n, c
   }
 }
 
+// ---- The log-domain fallback of one pair (the whole block; f1, g1, f2, g2: n shared values each) -------------------
+// i -> j: f1 over the rows (frame i), g1 over the columns; j -> i: f2 over the columns (frame j), g2 over the rows.
+// out[a] = eps log w[a] - eps LSE_b((v[b] - C[a, b])/eps), a warp per row.
 template <typename T>
-__global__ void pair_scalings_kernel(T* __restrict__ dots, const T* __restrict__ inv, const T* __restrict__ mu,
-                                     const T* __restrict__ pt, int64_t c0, int64_t Bc, int64_t T_, int64_t S,
-                                     int64_t n, T scale2, int64_t iters, T iters0_factor, T* __restrict__ a1_out,
-                                     T* __restrict__ a2_out, T* __restrict__ y1_out, T* __restrict__ y2_out) {
+__device__ __forceinline__ void lse_rows(const T* C, int64_t ld, int64_t n, T eps, const T* w, const T* v, T* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t a = warp; a < n; a += kWarps) {
+    T mx = neg_inf<T>(), s = T(0);
+    for (int64_t b = lane; b < n; b += 32) lse_push(mx, s, (v[b] - C[a * ld + b]) / eps);
+    warp_lse(mx, s);
+    if (lane == 0) out[a] = sinkhorn::potential(eps, smtc_log(w[a]), mx, s);
+  }
+}
+// out[b] = eps log w[b] - eps LSE_a((v[a] - C[a, b])/eps), a thread per column.
+template <typename T>
+__device__ __forceinline__ void lse_cols(const T* C, int64_t ld, int64_t n, T eps, const T* w, const T* v, T* out) {
+  for (int64_t b = threadIdx.x; b < n; b += kThreads) {
+    T mx = neg_inf<T>(), s = T(0);
+    for (int64_t a = 0; a < n; ++a) lse_push(mx, s, (v[a] - C[a * ld + b]) / eps);
+    out[b] = sinkhorn::potential(eps, smtc_log(w[b]), mx, s);
+  }
+}
+
+template <typename T>
+__device__ void log_domain_pair(T* C, int64_t ld, int64_t n, int64_t D, int64_t S, T eps, int64_t iters,
+                                const T* key_i, const T* key_j, const T* inv_i, const T* inv_j, const T* mu_i,
+                                const T* mu_j, const T* pt_i, const T* pt_j, T* f1, T* g1, T* f2, T* g2, T* q_i,
+                                T* q_j) {
+  // C = 1 - cos from the keys (K overwrote the dot products), an entry per thread.
+  for (int64_t e = threadIdx.x; e < n * n; e += kThreads) {
+    const int64_t a = e / n, b = e % n;
+    T dot = T(0);
+    for (int64_t k = 0; k < D; ++k) dot += key_i[a * D + k] * key_j[b * D + k];
+    C[a * ld + b] = T(1) - cosine(dot, inv_i[a], inv_j[b]);
+  }
+  for (int64_t a = threadIdx.x; a < n; a += kThreads) g1[a] = g2[a] = T(0);
+  __syncthreads();
+  for (int64_t t = 0; t < iters; ++t) {
+    lse_rows(C, ld, n, eps, mu_i, g1, f1);
+    __syncthreads();
+    lse_cols(C, ld, n, eps, mu_j, f1, g1);
+    lse_cols(C, ld, n, eps, mu_j, g2, f2);
+    __syncthreads();
+    lse_rows(C, ld, n, eps, mu_i, f2, g2);
+    __syncthreads();
+  }
+  // q_i[s, a] = sum_b plan_ij[a, b] pt_j[s, b] (a warp per row); q_j[s, b] = sum_a plan_ji[b, a] pt_i[s, a] (a
+  // thread per column).
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t a = warp; a < n; a += kWarps) {
+    for (int64_t s = 0; s < S; ++s) {
+      T acc = T(0);
+      for (int64_t b = lane; b < n; b += 32) acc += exp((f1[a] + g1[b] - C[a * ld + b]) / eps) * pt_j[s * n + b];
+      acc = warp_sum(acc);
+      if (lane == 0) q_i[s * n + a] = acc;
+    }
+  }
+  for (int64_t b = threadIdx.x; b < n; b += kThreads) {
+    for (int64_t s = 0; s < S; ++s) {
+      T acc = T(0);
+      for (int64_t a = 0; a < n; ++a) acc += exp((f2[b] + g2[a] - C[a * ld + b]) / eps) * pt_i[s * n + a];
+      q_j[s * n + b] = acc;
+    }
+  }
+}
+
+template <typename T>
+__global__ void pair_scalings_kernel(T* __restrict__ dots, const T* __restrict__ keys, const T* __restrict__ inv,
+                                     const T* __restrict__ mu, const T* __restrict__ pt, int64_t c0, int64_t Bc,
+                                     int64_t T_, int64_t S, int64_t n, int64_t D, T eps, T scale2, int64_t iters,
+                                     T iters0_factor, T* __restrict__ a1_out, T* __restrict__ a2_out,
+                                     T* __restrict__ y1_out, T* __restrict__ y2_out, int* __restrict__ flag) {
   SMTC_DYNAMIC_SHARED(unsigned char, smem_raw);
   __shared__ int bad;
   T* a1 = reinterpret_cast<T*>(smem_raw);
@@ -224,8 +294,6 @@ __global__ void pair_scalings_kernel(T* __restrict__ dots, const T* __restrict__
     }
   }
   __syncthreads();
-  // NaN scalings for a pair past the bounds (see the header): the loss says so instead of being silently wrong.
-  const T poison = bad ? T(NAN) : T(1);
   const int64_t pc = p * Bc + c;
   T* A1 = a1_out + pc * n;
   T* A2 = a2_out + pc * n;
@@ -233,9 +301,15 @@ __global__ void pair_scalings_kernel(T* __restrict__ dots, const T* __restrict__
   T* Y2 = y2_out + pc * S * n;
   const T* pt_i = pt + fi * S * n;
   const T* pt_j = pt + fj * S * n;
+  if (threadIdx.x == 0) flag[pc] = bad;
+  if (bad) {  // the same in every thread (shared, read after the barrier): the whole block takes the fallback
+    log_domain_pair(K, ld, n, D, S, eps, iters, keys + fi * n * D, keys + fj * n * D, inv_i, inv_j, mu_i, mu_j, pt_i,
+                    pt_j, a1, x1, a2, x2, Y1, Y2);
+    return;
+  }
   for (int64_t a = threadIdx.x; a < n; a += kThreads) {
-    A1[a] = a1[a] * poison;
-    A2[a] = a2[a] * poison;
+    A1[a] = a1[a];
+    A2[a] = a2[a];
   }
   for (int64_t e = threadIdx.x; e < S * n; e += kThreads) {
     const int64_t b = e % n;
@@ -245,10 +319,12 @@ __global__ void pair_scalings_kernel(T* __restrict__ dots, const T* __restrict__
 }
 
 // ---- 5. targets and the loss, a thread per token of one frame -----------------------------------------------------
-// targets_t[s, a] = sum over the pairs p = (i, j) in order: a1_p[a] z1_p[s, a] if i = t, a2_p[a] z2_p[s, a] if j = t.
+// targets_t[s, a] = sum over the pairs p = (i, j) in order: a1_p[a] z1_p[s, a] if i = t, a2_p[a] z2_p[s, a] if j = t
+// (y1_p, y2_p for a pair the log-domain fallback solved: flag_p = 1).
 template <typename T>
 __global__ void combine_kernel(const T* __restrict__ zs, const T* __restrict__ a1, const T* __restrict__ a2,
-                               const T* __restrict__ z1, const T* __restrict__ z2, int64_t c0, int64_t Bc,
+                               const T* __restrict__ z1, const T* __restrict__ z2, const T* __restrict__ y1,
+                               const T* __restrict__ y2, const int* __restrict__ flag, int64_t c0, int64_t Bc,
                                int64_t T_, int64_t S, int64_t n, T* __restrict__ targets, T* __restrict__ loss_part) {
   __shared__ T red[kWarps];
   const int64_t c = blockIdx.x / T_, t = blockIdx.x % T_;
@@ -260,13 +336,18 @@ __global__ void combine_kernel(const T* __restrict__ zs, const T* __restrict__ a
     const T mx = softmax_max(z + a, S, n);
     const T sum = softmax_sum(z + a, S, n, mx);
     for (int64_t s = 0; s < S; ++s) {
+      // The pairs holding frame t, in pair order: (u, t) for u < t (t is their j), then (t, u) for u > t.
       T q = T(0);
-      int64_t p = 0;
-      for (int64_t i = 0; i + 1 < T_; ++i) {
-        for (int64_t j = i + 1; j < T_; ++j, ++p) {
-          const int64_t pc = p * Bc + c;
-          if (i == t) q += a1[pc * n + a] * z1[(pc * S + s) * n + a];
-          if (j == t) q += a2[pc * n + a] * z2[(pc * S + s) * n + a];
+      for (int64_t u = 0; u < T_; ++u) {
+        if (u == t) continue;
+        const bool first = t < u;  // t is frame i of the pair
+        const int64_t i = first ? t : u, j = first ? u : t;
+        const int64_t pc = (i * (T_ - 1) - i * (i - 1) / 2 + (j - i - 1)) * Bc + c;
+        const int64_t e = (pc * S + s) * n + a;
+        if (flag[pc]) {
+          q += first ? y1[e] : y2[e];
+        } else {
+          q += first ? a1[pc * n + a] * z1[e] : a2[pc * n + a] * z2[e];
         }
       }
       tg[s * n + a] = q;
@@ -322,9 +403,10 @@ void launch_frame_stats(DType dtype, const void* keys, const void* teacher_logit
   });
 }
 
-void launch_pair_scalings(DType dtype, void* dots, const void* inv, const void* mu, const void* pt, int64_t c0,
-                          int64_t Bc, int64_t T, int64_t S, int64_t n, double eps, int64_t iters,
-                          double iters0_factor, void* a1, void* a2, void* y1, void* y2, cudaStream_t stream) {
+void launch_pair_scalings(DType dtype, void* dots, const void* keys, const void* inv, const void* mu, const void* pt,
+                          int64_t c0, int64_t Bc, int64_t T, int64_t S, int64_t n, int64_t D, double eps,
+                          int64_t iters, double iters0_factor, void* a1, void* a2, void* y1, void* y2, void* flag,
+                          cudaStream_t stream) {
   const int64_t P = T * (T - 1) / 2;
   if (Bc == 0 || n == 0) return;
   check_blocks(P * Bc, "smtc_fast pair_scalings_kernel");
@@ -342,24 +424,25 @@ void launch_pair_scalings(DType dtype, void* dots, const void* inv, const void* 
     }
     const scalar_t scale2 = static_cast<scalar_t>(1.4426950408889634 / eps);  // exp(x) = 2^(x log2(e))
     SMTC_LAUNCH(static_cast<unsigned>(P * Bc), kThreads, smem, stream, pair_scalings_kernel<scalar_t>)(
-        static_cast<scalar_t*>(dots), static_cast<const scalar_t*>(inv), static_cast<const scalar_t*>(mu),
-        static_cast<const scalar_t*>(pt), c0, Bc, T, S, n, scale2, iters, static_cast<scalar_t>(iters0_factor),
-        static_cast<scalar_t*>(a1), static_cast<scalar_t*>(a2), static_cast<scalar_t*>(y1),
-        static_cast<scalar_t*>(y2));
+        static_cast<scalar_t*>(dots), static_cast<const scalar_t*>(keys), static_cast<const scalar_t*>(inv),
+        static_cast<const scalar_t*>(mu), static_cast<const scalar_t*>(pt), c0, Bc, T, S, n, D,
+        static_cast<scalar_t>(eps), scale2, iters, static_cast<scalar_t>(iters0_factor), static_cast<scalar_t*>(a1),
+        static_cast<scalar_t*>(a2), static_cast<scalar_t*>(y1), static_cast<scalar_t*>(y2), static_cast<int*>(flag));
     check_launch("smtc_fast pair_scalings_kernel");
   });
 }
 
 void launch_combine(DType dtype, const void* student_logits, const void* a1, const void* a2, const void* z1,
-                    const void* z2, int64_t c0, int64_t Bc, int64_t T, int64_t S, int64_t n, void* targets,
+                    const void* z2, const void* y1, const void* y2, const void* flag, int64_t c0, int64_t Bc, int64_t T, int64_t S, int64_t n, void* targets,
                     void* loss_part, cudaStream_t stream) {
   if (Bc == 0) return;
   check_blocks(Bc * T, "smtc_fast combine_kernel");
   SMTC_DISPATCH_FLOAT_DOUBLE(dtype, "smtc_fast::transport_loss (CUDA)", [&] {
     SMTC_LAUNCH(static_cast<unsigned>(Bc * T), kThreads, 0, stream, combine_kernel<scalar_t>)(
         static_cast<const scalar_t*>(student_logits), static_cast<const scalar_t*>(a1),
-        static_cast<const scalar_t*>(a2), static_cast<const scalar_t*>(z1), static_cast<const scalar_t*>(z2), c0, Bc,
-        T, S, n, static_cast<scalar_t*>(targets), static_cast<scalar_t*>(loss_part));
+        static_cast<const scalar_t*>(a2), static_cast<const scalar_t*>(z1), static_cast<const scalar_t*>(z2),
+        static_cast<const scalar_t*>(y1), static_cast<const scalar_t*>(y2), static_cast<const int*>(flag), c0, Bc, T,
+        S, n, static_cast<scalar_t*>(targets), static_cast<scalar_t*>(loss_part));
     check_launch("smtc_fast combine_kernel");
   });
 }

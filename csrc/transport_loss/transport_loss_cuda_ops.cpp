@@ -60,6 +60,7 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cuda(const at::Tensor& student
   auto a1 = at::empty({P * Bc * n}, opts), a2 = at::empty({P * Bc * n}, opts);
   auto y1 = at::empty({P * Bc * S * n}, opts), y2 = at::empty({P * Bc * S * n}, opts);
   auto z1 = at::empty({P * Bc * S * n}, opts), z2 = at::empty({P * Bc * S * n}, opts);
+  auto flag = at::empty({P * Bc}, opts.dtype(at::kInt));
   auto loss_part = at::empty({B * T}, opts);
   // iters = 0 only: exp(-C/eps) = exp(-(1 - cos)/eps) * exp(1/eps) for C = -cos (transport_loss.h)
   const double iters0_factor = cost == "neg_cos" ? std::exp(1.0 / eps) : 1.0;
@@ -75,8 +76,9 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cuda(const at::Tensor& student
       at::bmm_out(out, kc.select(1, i), kc.narrow(1, i + 1, T - 1 - i).reshape({bc, w, D}).transpose(1, 2));
       off += bc * n * w;
     }
-    launch_pair_scalings(dt, dots.data_ptr(), inv.data_ptr(), mu.data_ptr(), pt.data_ptr(), c0, bc, T, S, n, eps,
-                         iters, iters0_factor, a1.data_ptr(), a2.data_ptr(), y1.data_ptr(), y2.data_ptr(), stream);
+    launch_pair_scalings(dt, dots.data_ptr(), keys.data_ptr(), inv.data_ptr(), mu.data_ptr(), pt.data_ptr(), c0, bc,
+                         T, S, n, D, eps, iters, iters0_factor, a1.data_ptr(), a2.data_ptr(), y1.data_ptr(),
+                         y2.data_ptr(), flag.data_ptr(), stream);
     // The contractions with the teacher masks, per pair p = (i, j) over the chunk's clips:
     //   z1[s, a] = sum_b y1[s, b] K[a, b]   (y1 = x1 * pt_j),   z2[s, b] = sum_a y2[s, a] K[a, b]   (y2 = x2 * pt_i)
     int64_t p = 0;
@@ -91,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cuda(const at::Tensor& student
         at::bmm_out(z2p, y2.narrow(0, o, bc * S * n).view({bc, S, n}), K);
       }
     }
-    launch_combine(dt, zs.data_ptr(), a1.data_ptr(), a2.data_ptr(), z1.data_ptr(), z2.data_ptr(), c0, bc, T, S, n,
-                   targets.data_ptr(), loss_part.data_ptr(), stream);
+    launch_combine(dt, zs.data_ptr(), a1.data_ptr(), a2.data_ptr(), z1.data_ptr(), z2.data_ptr(), y1.data_ptr(),
+                   y2.data_ptr(), flag.data_ptr(), c0, bc, T, S, n, targets.data_ptr(), loss_part.data_ptr(), stream);
   }
   // L = -1/(B T (T-1)) sum log(p_s + 1e-8) * targets, the frames' parts summed in double (a fixed-order reduction).
   auto loss = loss_part.to(at::kDouble).sum().neg().div(count).to(zs.scalar_type());
