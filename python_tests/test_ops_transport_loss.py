@@ -317,10 +317,11 @@ def test_cuda_kernel_equals_reference(device, dtype, marginals, cost, iters):
 @pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 2, 3, 7, 5), (2, 5, 2, 9, 3), (3, 4, 16, 33, 8), (1, 3, 4, 64, 32),
-                                   (2, 2, 1, 1, 1), (1, 3, 2, 40, 1)])
+                                   (2, 2, 1, 1, 1), (1, 3, 2, 40, 1), (5, 3, 2, 30, 4)])
 def test_cuda_kernel_odd_shapes_and_frame_counts(device, dtype, shape):
-    """T = 2..5, n and D off the warp size, size-1 dims; (3, 4, 16, 33, 8) runs in three chunks of clips under
-    the execution tier (its chunk budget is small, transport_loss_cuda_ops.cpp)."""
+    """T = 2..5, n and D off the warp size, size-1 dims. Under the execution tier (a small chunk budget,
+    transport_loss_cuda_ops.cpp) (3, 4, 16, 33, 8) runs in three chunks of one clip and (5, 3, 2, 30, 4) in chunks
+    of 3 + 2 clips."""
     _cuda_kernel_ran(device, lambda: compare(shape, dtype, eps=0.1, iters=3, device=device))
 
 

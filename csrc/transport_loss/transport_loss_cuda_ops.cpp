@@ -55,7 +55,10 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cuda(const at::Tensor& student
                      mu.data_ptr(), pt.data_ptr(), stream);
 
   const int64_t P = T * (T - 1) / 2;
-  const int64_t Bc = std::max<int64_t>(1, std::min<int64_t>(B, kChunkElems / (P * n * n)));
+  // Chunks of equal size (32 clips at SMTC's shape: 2 chunks of 16, not 21 + 11, so both fill the GPU alike).
+  const int64_t max_bc = std::max<int64_t>(1, std::min<int64_t>(B, kChunkElems / (P * n * n)));
+  const int64_t chunks = (B + max_bc - 1) / max_bc;
+  const int64_t Bc = (B + chunks - 1) / chunks;
   auto dots = at::empty({Bc * P * n * n}, opts);
   auto a1 = at::empty({P * Bc * n}, opts), a2 = at::empty({P * Bc * n}, opts);
   auto y1 = at::empty({P * Bc * S * n}, opts), y2 = at::empty({P * Bc * S * n}, opts);

@@ -16,8 +16,8 @@ Over all ordered frame pairs i != j of each clip, with the official probability-
     L = mean_{B x pairs} sum_{a, b} -plan_ij[a, b] sum_s p_t_j[s, b] log(p_s_i[s, a] + 1e-8)
 
 The reference below is the path `semantic_loss` took before this op (costs, plans and the cross matrix as
-(B*T*(T-1), n, n) tensors, through the `correlation` and `sinkhorn` ops), run in the inputs' dtype. The kernel
-(csrc/transport_loss/) computes the same numbers without materialising any of those tensors: per unordered pair
+(B*T*(T-1), n, n) tensors, through the `correlation` and `sinkhorn` ops), run in the inputs' dtype. The kernels
+(csrc/transport_loss/: the CPU kernel, and the CUDA kernel with cuBLAS for its GEMMs) compute the same numbers without materialising any of those tensors: per unordered pair
 one kernel matrix serves both orientations, and only targets = sum_j plan_ij @ p_t_j^T (B, T, S, n) is kept
 for the backward. For iters >= 1 the two cost options give the same plan (a constant shift of the cost only
 rescales K and a), so they differ only in rounding.
