@@ -31,7 +31,14 @@
 //   exps 192 x n^2 = 12.6 M -> 3.4 us; contraction GEMMs 2 x 192 x 2 S n^2 = 0.8 GFLOP -> 12 us;
 //   keys 50 MB + logits 2 x 8.4 MB + targets 8.4 MB -> 23 us of DRAM.
 // So the op is bound by the dot-product GEMM's FP32 arithmetic (~150 us), then by the L2 traffic of the passes over
-// K; the pair kernel's serial part (one block per pair, 7 passes) is not yet measured on a GPU.
+// K. Where K lives, per the roofline: a pair's K (256 KB in float32) does not fit one block's 227 KB of shared
+// memory (a 2-CTA cluster's distributed shared memory would, but the execution tier cannot run clusters, and a
+// half-precision K would cost the float32 tolerance: K's relative error would be 1e-3); recomputing K from the keys
+// on tensor cores at every pass costs 2 n^2 D FLOP per pair per pass, 7 x 9.7 = 68 GFLOP (~140 us even at the
+// dense TF32 rate of ~495 TFLOP/s, and TF32 cosines cost float32 accuracy at eps = 0.05) against ~35 us of L2 reads:
+// K stays in global memory, written once by cuBLAS, its chunk sized for L2. At SMTC's shape that is 2 chunks of 16
+// clips, 96 pair blocks per launch on 132 SMs: kChunkElems (the wrapper) trades L2 residency against filling the SMs;
+// not yet measured on a GPU.
 #include "common/cuda_utils.cuh"
 #include "sinkhorn/sinkhorn.h"
 #include "transport_loss/transport_loss.h"
@@ -433,8 +440,8 @@ void launch_pair_scalings(DType dtype, void* dots, const void* keys, const void*
 }
 
 void launch_combine(DType dtype, const void* student_logits, const void* a1, const void* a2, const void* z1,
-                    const void* z2, const void* y1, const void* y2, const void* flag, int64_t c0, int64_t Bc, int64_t T, int64_t S, int64_t n, void* targets,
-                    void* loss_part, cudaStream_t stream) {
+                    const void* z2, const void* y1, const void* y2, const void* flag, int64_t c0, int64_t Bc,
+                    int64_t T, int64_t S, int64_t n, void* targets, void* loss_part, cudaStream_t stream) {
   if (Bc == 0) return;
   check_blocks(Bc * T, "smtc_fast combine_kernel");
   SMTC_DISPATCH_FLOAT_DOUBLE(dtype, "smtc_fast::transport_loss (CUDA)", [&] {

@@ -26,8 +26,8 @@ void launch_pair_scalings(DType dtype, void* dots, const void* keys, const void*
 // where flag is set), summed over pairs in pair order, and each frame's part of sum log(p_s + 1e-8) * targets into
 // loss_part (Bc*T).
 void launch_combine(DType dtype, const void* student_logits, const void* a1, const void* a2, const void* z1,
-                    const void* z2, const void* y1, const void* y2, const void* flag, int64_t c0, int64_t Bc, int64_t T, int64_t S, int64_t n, void* targets,
-                    void* loss_part, cudaStream_t stream);
+                    const void* z2, const void* y1, const void* y2, const void* flag, int64_t c0, int64_t Bc,
+                    int64_t T, int64_t S, int64_t n, void* targets, void* loss_part, cudaStream_t stream);
 
 // dL/dz_s for all F = B*T frames; grad_loss: a device scalar; count = B T (T-1).
 void launch_backward(DType dtype, const void* grad_loss, const void* student_logits, const void* targets,

@@ -17,10 +17,10 @@ Over all ordered frame pairs i != j of each clip, with the official probability-
 
 The reference below is the path `semantic_loss` took before this op (costs, plans and the cross matrix as
 (B*T*(T-1), n, n) tensors, through the `correlation` and `sinkhorn` ops), run in the inputs' dtype. The kernels
-(csrc/transport_loss/: the CPU kernel, and the CUDA kernel with cuBLAS for its GEMMs) compute the same numbers without materialising any of those tensors: per unordered pair
-one kernel matrix serves both orientations, and only targets = sum_j plan_ij @ p_t_j^T (B, T, S, n) is kept
-for the backward. For iters >= 1 the two cost options give the same plan (a constant shift of the cost only
-rescales K and a), so they differ only in rounding.
+(csrc/transport_loss/: the CPU kernel, and the CUDA kernel with cuBLAS for its GEMMs) compute the same numbers
+without materialising any of those tensors: per unordered pair one kernel matrix serves both orientations, and only
+targets = sum_j plan_ij @ p_t_j^T (B, T, S, n) is kept for the backward. For iters >= 1 the two cost options give
+the same plan (a constant shift of the cost only rescales K and a), so they differ only in rounding.
 """
 import math
 
@@ -94,8 +94,8 @@ def transport_loss(student_logits, teacher_logits, teacher_keys, eps=0.05, iters
     _check(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost)
     if not use_kernel(student_logits, KERNEL_DTYPES):
         return transport_loss_reference(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost)
-    loss, _ = kernel_ops(student_logits).transport_loss(student_logits, teacher_logits.detach(), teacher_keys.detach(),
-                                                 float(eps), int(iters), marginals, cost)
+    loss, _ = kernel_ops(student_logits).transport_loss(student_logits, teacher_logits.detach(),
+                                                        teacher_keys.detach(), float(eps), int(iters), marginals, cost)
     return loss
 
 
