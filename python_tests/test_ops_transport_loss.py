@@ -406,3 +406,11 @@ def test_cuda_kernel_opcheck_and_compile(device):
     want = transport_loss_reference(s, t, k)
     assert_close_to_reference(got, want)
     assert_close_to_reference(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cuda_kernel_official_shape(device):
+    """SMTC's per-clip shape (T 4, S 16, n 256, D 384) on a GPU (too large for the execution tier), float32 with
+    torch's default (no TF32) matmul precision."""
+    compare((3, 4, 16, 256, 384), torch.float32, device=device)
