@@ -408,7 +408,6 @@ def test_cuda_kernel_opcheck_and_compile(device):
     assert_close_to_reference(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], atol=1e-6)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_cuda_kernel_official_shape(device):
     """SMTC's per-clip shape (T 4, S 16, n 256, D 384) on a GPU (too large for the execution tier), float32 with
