@@ -11,7 +11,9 @@ from smtc_fast.losses import semantic_loss
 from smtc_fast.ops import transport_loss, transport_loss_reference
 from smtc_fast.testing import assert_close_to_reference
 
-from conftest import DEVICES
+from smtc_fast import _extension
+
+from conftest import CUDA_DEVICES, DEVICES, EmuDevice
 
 HAS_KERNEL = smtc_fast.build_info()["cpu_kernels"]
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
@@ -27,10 +29,11 @@ def inputs(B, T, S, n, D, dtype=torch.float64, device="cpu", seed=0):
 
 
 def kernel_ran(fn):
-    """Runs fn() and returns True if the compiled CPU op was dispatched (not the reference fallback)."""
+    """Runs fn() and returns True if a compiled op was dispatched (not the reference fallback): the CPU kernel, or
+    the CUDA kernel (a GPU's, or the execution tier's under an emulated device)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return any(e.name == "smtc_fast::transport_loss" for e in prof.events())
+    return any(e.name in ("smtc_fast::transport_loss", "smtc_fast_cuda_emu::transport_loss") for e in prof.events())
 
 
 def official_loss(s_logits, t_logits, keys, eps=0.05, iters=3, marginals="norm", cost="one_minus_cos"):
@@ -236,7 +239,7 @@ def test_semantic_loss_uses_the_op_and_keeps_its_options(device):
     for marginals, cost, eps, iters in [("norm", "one_minus_cos", 0.05, 3), ("uniform", "neg_cos", 0.1, 5)]:
         got = semantic_loss(s, t, k, eps, iters, marginals, cost)
         assert_close_to_reference(got, transport_loss_reference(s, t, k, eps, iters, marginals, cost))
-    if device == "cpu" and HAS_KERNEL:
+    if HAS_KERNEL:  # the CPU kernel, or the CUDA kernel (also the execution tier's, under an emulated device)
         assert kernel_ran(lambda: semantic_loss(s, t, k))
     # bf16 inputs are computed in float32, as before
     got = semantic_loss(s.bfloat16(), t.bfloat16(), k.bfloat16())
@@ -285,3 +288,128 @@ def test_cpp_op_validates_too():
         torch.ops.smtc_fast.transport_loss(s[:, :1], t[:, :1], k[:, :1], 0.05, 3, "norm", "one_minus_cos")
     with pytest.raises(RuntimeError, match="targets must have the shape"):
         torch.ops.smtc_fast._transport_loss_backward(torch.ones(()), s, torch.rand(2, 3, 4, 6))
+
+
+# ---- The CUDA kernel (csrc/transport_loss/transport_loss_cuda.cu): a real GPU, and the CPU execution tier under two
+# schedules. Emulated shapes stay small (n <= 64, D <= 32): every CUDA thread is a fiber on the CPU.
+
+def _emu_launches(device):
+    return _extension._C.emu_launch_count() if isinstance(device, EmuDevice) else 0
+
+
+def _cuda_kernel_ran(device, fn):
+    """Runs fn(); on the emulated device, asserts that the emulated CUDA kernels served it."""
+    before = _emu_launches(device)
+    out = fn()
+    if isinstance(device, EmuDevice):
+        assert _extension._C.emu_launch_count() > before, "the emulated CUDA kernel did not run"
+    return out
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("marginals, cost, iters", [("norm", "one_minus_cos", 3), ("uniform", "neg_cos", 1),
+                                                    ("norm", "neg_cos", 0), ("uniform", "one_minus_cos", 5)])
+def test_cuda_kernel_equals_reference(device, dtype, marginals, cost, iters):
+    _cuda_kernel_ran(device, lambda: compare((2, 3, 5, 24, 16), dtype, 0.05, iters, marginals, cost, device=device))
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 2, 3, 7, 5), (2, 5, 2, 9, 3), (3, 4, 16, 33, 8), (1, 3, 4, 64, 32),
+                                   (2, 2, 1, 1, 1), (1, 3, 2, 40, 1), (5, 3, 2, 30, 4)])
+def test_cuda_kernel_odd_shapes_and_frame_counts(device, dtype, shape):
+    """T = 2..5, n and D off the warp size, size-1 dims. Under the execution tier (a small chunk budget,
+    transport_loss_cuda_ops.cpp) (3, 4, 16, 33, 8) runs in three chunks of one clip and (5, 3, 2, 30, 4) in chunks
+    of 3 + 2 clips."""
+    _cuda_kernel_ran(device, lambda: compare(shape, dtype, eps=0.1, iters=3, device=device))
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5, 6), (2, 3, 4, 0, 6), (2, 3, 0, 5, 6)])
+def test_cuda_kernel_empty_dims(device, shape):
+    s, t, k = inputs(*shape, device=device)
+    s.requires_grad_()
+    got = transport_loss(s, t, k)
+    torch.testing.assert_close(got, transport_loss_reference(s, t, k), equal_nan=True)
+    got.backward()
+    assert s.grad.shape == s.shape
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_kernel_zero_keys_and_repeated_frames(device):
+    s, t, k = inputs(2, 3, 4, 16, 8, device=device)
+    k = k.clone()
+    k[0, 1, 3] = 0.0
+    k[1, 1] = k[1, 0]
+    k[1, 2] = k[1, 0]
+    s.requires_grad_()
+    got = _cuda_kernel_ran(device, lambda: transport_loss(s, t, k))
+    want = transport_loss_reference(s, t, k)
+    assert_close_to_reference(got, want)
+    assert_close_to_reference(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0])
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_kernel_log_domain_fallback(device, dtype):
+    """Tiny eps: rows of K underflow, the scalings leave the bounds of transport_loss.h (the probability-domain
+    iterations alone give NaN here) and the pair's block solves it again in the log domain, as the CPU kernel does;
+    loss and gradient must equal the reference's log-domain path."""
+    eps = 0.002 if dtype == torch.float64 else 0.01
+    s, t, k = inputs(2, 3, 4, 12, 3, dtype=dtype, device=device)  # D = 3: cosines spread over [-1, 1]
+    s.requires_grad_()
+    got = _cuda_kernel_ran(device, lambda: transport_loss(s, t, k, eps, 4))
+    want = transport_loss_reference(s, t, k, eps, 4)
+    assert torch.isfinite(got)
+    assert_close_to_reference(got, want, rtol=1e-9 if dtype == torch.float64 else 1e-4)
+    (g_got,) = torch.autograd.grad(got, s)
+    (g_want,) = torch.autograd.grad(want, s)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=1e-7)
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not smtc_fast.build_info()["cuda_emu"], reason="the CUDA execution tier is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eps", [0.05, 0.003])  # 0.003: pairs solved by the log-domain fallback too
+def test_cuda_kernel_bitwise_identical_across_schedules(monkeypatch, dtype, eps):
+    """Fixed-order reductions, no atomics: loss, targets and gradient are the same bits under every thread order."""
+    from smtc_fast.ops import _common
+
+    s, t, k = inputs(3, 4, 5, 33, 8, dtype=dtype)
+    results = []
+    with _common.emulated_cuda():
+        for schedule in ("forward", "reverse", "random:3", "random:11"):
+            monkeypatch.setenv("SMTC_FAST_EMU_SCHEDULE", schedule)
+            loss, targets = torch.ops.smtc_fast_cuda_emu.transport_loss(s, t, k, eps, 3, "norm", "one_minus_cos")
+            assert torch.isfinite(loss)
+            grad = torch.ops.smtc_fast_cuda_emu._transport_loss_backward(torch.ones((), dtype=dtype), s, targets)
+            results.append((loss, targets, grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_kernel_opcheck_and_compile(device):
+    """The registered fake and autograd of the CUDA kernel's namespace (torch.ops.smtc_fast on a GPU,
+    torch.ops.smtc_fast_cuda_emu under the execution tier)."""
+    from smtc_fast.ops._common import kernel_ops
+
+    s, t, k = inputs(2, 3, 4, 6, 5, dtype=torch.float32, device=device)
+    s.requires_grad_()
+    op = kernel_ops(s).transport_loss.default
+    torch.library.opcheck(op, (s, t, k, 0.05, 3, "norm", "one_minus_cos"))
+    torch.library.opcheck(op, (s, t, k, 0.2, 0, "uniform", "neg_cos"))
+    compiled = torch.compile(lambda a, b, c: transport_loss(a, b, c), fullgraph=True, backend="eager")
+    got = _cuda_kernel_ran(device, lambda: compiled(s, t, k))
+    want = transport_loss_reference(s, t, k)
+    assert_close_to_reference(got, want)
+    assert_close_to_reference(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cuda_kernel_official_shape(device):
+    """SMTC's per-clip shape (T 4, S 16, n 256, D 384) on a GPU (too large for the execution tier), float32 with
+    torch's default (no TF32) matmul precision."""
+    compare((3, 4, 16, 256, 384), torch.float32, device=device)

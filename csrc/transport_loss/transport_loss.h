@@ -1,5 +1,5 @@
-// Fused L_sem (spec §2.1, paper Eq. 9): the per-element math shared by transport_loss_cpu.cpp and, later, the
-// CUDA kernel.
+// Fused L_sem (spec §2.1, paper Eq. 9): the per-element math shared by transport_loss_cpu.cpp and the CUDA kernel
+// (transport_loss_cuda.cu).
 //
 //   student_logits (B, T, S, n)  float32 | float64
 //   teacher_logits (B, T, S, n)  same dtype

@@ -1,4 +1,4 @@
-// Argument checks of smtc_fast::transport_loss (CPU and, later, CUDA wrappers).
+// Argument checks of smtc_fast::transport_loss (CPU and CUDA wrappers).
 #pragma once
 
 #include <cmath>

@@ -16,23 +16,23 @@ Over all ordered frame pairs i != j of each clip, with the official probability-
     L = mean_{B x pairs} sum_{a, b} -plan_ij[a, b] sum_s p_t_j[s, b] log(p_s_i[s, a] + 1e-8)
 
 The reference below is the path `semantic_loss` took before this op (costs, plans and the cross matrix as
-(B*T*(T-1), n, n) tensors, through the `correlation` and `sinkhorn` ops), run in the inputs' dtype. The kernel
-(csrc/transport_loss/) computes the same numbers without materialising any of those tensors: per unordered pair
-one kernel matrix serves both orientations, and only targets = sum_j plan_ij @ p_t_j^T (B, T, S, n) is kept
-for the backward. For iters >= 1 the two cost options give the same plan (a constant shift of the cost only
-rescales K and a), so they differ only in rounding.
+(B*T*(T-1), n, n) tensors, through the `correlation` and `sinkhorn` ops), run in the inputs' dtype. The kernels
+(csrc/transport_loss/: the CPU kernel, and the CUDA kernel with cuBLAS for its GEMMs) compute the same numbers
+without materialising any of those tensors: per unordered pair one kernel matrix serves both orientations, and only
+targets = sum_j plan_ij @ p_t_j^T (B, T, S, n) is kept for the backward. For iters >= 1 the two cost options give
+the same plan (a constant shift of the cost only rescales K and a), so they differ only in rounding.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from smtc_fast import _extension
-from smtc_fast.ops._common import check_same, check_tensor, use_kernel
+from smtc_fast.ops._common import NAMESPACES, check_same, check_tensor, kernel_ops, use_kernel
 from smtc_fast.ops.correlation import correlation
 from smtc_fast.ops.sinkhorn import sinkhorn
 
-KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": ()}  # no CUDA kernel yet: the reference serves
+# CUDA: csrc/transport_loss/transport_loss_cuda.cu (half/bf16 inputs are computed in float32 by semantic_loss).
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 
 
 def _check(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost):
@@ -92,21 +92,22 @@ def transport_loss(student_logits, teacher_logits, teacher_keys, eps=0.05, iters
                    cost="one_minus_cos"):
     """Fused L_sem (see the module docstring). Differentiable w.r.t. student_logits only."""
     _check(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost)
-    if not use_kernel(student_logits, KERNEL_DTYPES):  # the emulated CUDA device counts as 'cuda': no kernel
+    if not use_kernel(student_logits, KERNEL_DTYPES):
         return transport_loss_reference(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost)
-    loss, _ = torch.ops.smtc_fast.transport_loss(student_logits, teacher_logits.detach(), teacher_keys.detach(),
-                                                 float(eps), int(iters), marginals, cost)
+    loss, _ = kernel_ops(student_logits).transport_loss(student_logits, teacher_logits.detach(),
+                                                        teacher_keys.detach(), float(eps), int(iters), marginals, cost)
     return loss
 
 
-if _extension.extension_loaded():
+def _register(ns):
+    ops = getattr(torch.ops, ns)
 
-    @torch.library.register_fake("smtc_fast::transport_loss")
+    @torch.library.register_fake(f"{ns}::transport_loss")
     def _transport_loss_fake(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost):
         _check(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, cost)
         return student_logits.new_empty(()), torch.empty_like(student_logits)
 
-    @torch.library.register_fake("smtc_fast::_transport_loss_backward")
+    @torch.library.register_fake(f"{ns}::_transport_loss_backward")
     def _transport_loss_backward_fake(grad_loss, student_logits, targets):
         return torch.empty_like(student_logits)
 
@@ -118,7 +119,11 @@ if _extension.extension_loaded():
 
     def _backward(ctx, grad_loss, grad_targets):
         student_logits, targets = ctx.saved_tensors
-        grad = torch.ops.smtc_fast._transport_loss_backward(grad_loss.contiguous(), student_logits, targets)
+        grad = ops._transport_loss_backward(grad_loss.contiguous(), student_logits, targets)
         return grad, None, None, None, None, None, None
 
-    torch.library.register_autograd("smtc_fast::transport_loss", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::transport_loss", _backward, setup_context=_setup_context)
+
+
+for _ns in NAMESPACES:
+    _register(_ns)
