@@ -38,7 +38,7 @@
 //     one-thread-per-query kernel: tens of ms). A tile of two grid rows would halve the L2 traffic (future work).
 // Not counted: the shuffles of the reduction (60 per 4 keys x 16 queries per half-warp, ~8% of the FMA issue
 // slots at D = 384) and the top-k offers. Tensor cores are not used: TF32 (or a different summation order in an
-// mma) would not be bit-equal to the CPU kernel; bench/bench_propagate.py would carry the same lines.
+// mma) would not be bit-equal to the CPU kernel. bench/bench_propagation.py prints these lines (cuda_roofline).
 #include "common/cuda_utils.cuh"
 #include "propagate/propagate.h"
 #include "propagate/propagate_cuda.h"
