@@ -140,6 +140,57 @@ def run_child(impl, scenario, args):
     return rec
 
 
+H100 = {"fma_flops": 67e12, "l2_bytes_s": 10e12, "dram_bytes_s": 3.35e12}  # SXM, FP32 FMA peak
+
+
+def _disc_half_width(dy, radius):  # propagate.h disc_half_width
+    if dy * dy >= radius * radius:
+        return -1
+    dx = 0
+    while (dx + 1) ** 2 + dy * dy < radius * radius:
+        dx += 1
+    return dx
+
+
+def cuda_roofline(h, w, radius, n_ctx=20, d=384, tile=16):
+    """The CUDA kernel's roofline on an H100 for one target frame (csrc/propagate/propagate_cuda.cu's header):
+    a block per `tile` queries of a grid row streams frame 0 and, per disc row, the union run of its queries'
+    windows. FLOPs = 2 D x tile x streamed keys (padded queries and union overhead included); L2 bytes = each tile
+    reads its streamed keys once; DRAM bytes = the features once."""
+    reach = 0
+    while reach + 1 < radius:
+        reach += 1
+    n = h * w
+    streamed = 0
+    for qy in range(h):
+        for qx0 in range(0, w, tile):
+            ng = min(tile, w - qx0)
+            run = 0
+            for dy in range(-reach, reach + 1):
+                hw = _disc_half_width(dy, radius)
+                if hw >= 0 and 0 <= qy + dy < h:
+                    run += min(w - 1, qx0 + ng - 1 + hw) - max(0, qx0 - hw) + 1
+            streamed += n + n_ctx * run
+    flops = 2 * d * tile * streamed
+    l2 = 4 * d * streamed
+    dram = 4 * d * (2 + n_ctx) * n
+    t = {"compute_us": flops / H100["fma_flops"] * 1e6, "l2_us": l2 / H100["l2_bytes_s"] * 1e6,
+         "dram_us": dram / H100["dram_bytes_s"] * 1e6}
+    bound = max(t, key=t.get)
+    return {"gflop": flops / 1e9, "l2_gb": l2 / 1e9, "dram_mb": dram / 1e6, **t, "bound": bound[:-3],
+            "bound_us": t[bound]}
+
+
+def print_roofline():
+    out = {}
+    for stride, (h, w, radius) in {16: (30, 53, 7.0), 8: (60, 107, 35.0)}.items():
+        r = out[f"stride{stride}"] = cuda_roofline(h, w, radius)
+        print(f"roofline (H100, CUDA kernel) stride {stride:2d} {h}x{w} radius {radius:g}: {r['gflop']:.1f} GFLOP "
+              f"({r['compute_us']:.0f} us at 67 TFLOP/s), L2 {r['l2_gb']:.2f} GB ({r['l2_us']:.0f} us), DRAM "
+              f"{r['dram_mb']:.0f} MB ({r['dram_us']:.0f} us): {r['bound']}-bound, {r['bound_us'] / 1e3:.2f} ms/frame")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="bench_out/bench_propagation.json")
@@ -151,6 +202,7 @@ def main():
         args.frames = min(args.frames, 20)
     result = {"env": env_header(), "records": [], "ratios": {}}
     print(json.dumps(result["env"]))
+    result["cuda_roofline_h100"] = print_roofline()
     scenarios = ["frame16"] + ([] if args.quick else ["frame8"]) + ["video"]
     for sc in scenarios:
         recs = {impl: run_child(impl, sc, args) for impl in ("dense", "fused")}

@@ -14,11 +14,27 @@ from smtc_fast.evaluate import propagation as P
 from smtc_fast.ops import propagate_labels, propagate_labels_reference
 from smtc_fast.testing import assert_close_to_reference
 
-from conftest import DEVICES
+from conftest import DEVICES, EmuDevice
 
 HAS_KERNEL = smtc_fast.build_info()["cpu_kernels"]
+EMU_OP = torch.ops.smtc_fast_cuda_emu.propagate_labels if smtc_fast.build_info()["cuda_emu"] else None
 DATA = os.path.join(os.path.dirname(__file__), "data", "davis2016")
 FRAMES = sorted(glob.glob(os.path.join(DATA, "JPEGImages/480p/blackswan/*.jpg")))
+
+
+def device_cases(cases, emu_small):
+    """DEVICES x cases, the emulated devices' cases for which emu_small(*case) is False marked slow: the CPU
+    execution tier switches fibers at every barrier and shuffle of the CUDA kernel's 256 threads (~3 ms per tile
+    and batch of 64 keys), so a 30 x 53 grid takes ~17 s there."""
+    out = []
+    for d in DEVICES:
+        dev = d.values[0] if hasattr(d, "values") else d
+        marks, did = (list(d.marks), d.id) if hasattr(d, "values") else ([], d)
+        for c in cases:
+            slow = [pytest.mark.slow] if isinstance(dev, EmuDevice) and not emu_small(*c) else []
+            out.append(pytest.param(dev, *c, marks=marks + slow, id=f"{did}-" + "-".join(map(str, c))))
+    return out
+
 
 
 def make_inputs(grid, n_ctx, d, n_lab, device="cpu", dtype=torch.float32, n0=None, soft=True):
@@ -109,8 +125,7 @@ def test_reference_equals_evaluator_dense_step(topk, radius, chunk):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("grid,n_ctx,d,n_lab,topk,radius", [
+@pytest.mark.parametrize("device,grid,n_ctx,d,n_lab,topk,radius", device_cases([
     ((30, 53), 4, 64, 2, 7, 7.0),      # stride-16 DAVIS grid, SMTC preset
     ((17, 23), 3, 32, 5, 28, 35.0),    # stride-8 preset: radius larger than the grid
     ((7, 11), 2, 24, 1, 10, 2.5),      # K = 1
@@ -124,7 +139,7 @@ def test_reference_equals_evaluator_dense_step(topk, radius, chunk):
     ((11, 1), 3, 16, 2, 6, 4.0),       # H x 1 grid
     ((2, 3), 2, 20, 3, 7, 9.0),        # grid smaller than the radius
     ((3, 9), 2, 384, 4, 7, 7.0),       # D = 384 (the SMTC features), 9 = 4 + 4 + 1 queries per row
-])
+], lambda grid, *_: grid[0] * grid[1] <= 12 * 14))
 def test_kernel_matches_reference_random(device, grid, n_ctx, d, n_lab, topk, radius):
     args = make_inputs(grid, n_ctx, d, n_lab, device)
     got = propagate_labels(*args, grid, topk, radius, 0.2)
@@ -195,8 +210,8 @@ def _blackswan_feats(n_frames, stride):
     return F.normalize(f, dim=1).flatten(2).transpose(1, 2).contiguous(), grid
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stride,topk,radius", [(16, 7, 7.0), (8, 28, 35.0)])
+@pytest.mark.parametrize("device,stride,topk,radius", device_cases([(16, 7, 7.0), (8, 28, 35.0)],
+                                                                   lambda *_: False))
 def test_blackswan_frames_match_reference(device, stride, topk, radius):
     """Real frames, colour features (D = 4): many logits near 1, so a few queries have a k-th / (k+1)-th near tie
     that float rounding decides (boundary_near_ties); everywhere else the prediction is the reference's."""
@@ -211,6 +226,92 @@ def test_blackswan_frames_match_reference(device, stride, topk, radius):
     # colour features crowd near cos = 1: ~1% of the queries at stride 16, ~10% at stride 8 (top-28 of 77k)
     assert skip.float().mean() < 0.15
     check_same_prediction(got, want, skip, bound)
+
+
+# --- the CUDA kernel run by the CPU execution tier, bit for bit against the CPU kernel -----------------------------
+
+def _cpu_kernel_uses_fma():
+    """Whether propagate_cpu.cpp's block_dots runs its AVX-512 clone, where GCC fuses `a += x * y` into FMAs (its
+    avx2 and default clones multiply and add separately). The CUDA kernel sums with FMAs, so bitwise agreement
+    holds on such a CPU only; elsewhere the two agree to rounding (the DEVICES tests above)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+needs_emu = pytest.mark.skipif(EMU_OP is None or not HAS_KERNEL, reason="needs the CPU kernels and the CUDA tier")
+needs_fma_cpu = pytest.mark.skipif(not _cpu_kernel_uses_fma(), reason="the CPU kernel's pre-AVX-512 clones sum "
+                                   "without FMA: not bitwise comparable with the CUDA kernel")
+EMU_BITWISE_SCHEDULES = ("forward", "random:11")
+
+
+def _emu(monkeypatch, schedule, *args):
+    monkeypatch.setenv("SMTC_FAST_EMU_SCHEDULE", schedule)
+    return EMU_OP(*args)
+
+
+def _inputs_with_ties(grid, n_ctx, d, n_lab, n0=None):
+    """make_inputs with exact ties: context frame 0 a copy of frame 0, and frame-0 tokens 1 and 2 copies of 0."""
+    query, first, first_labels, ctx, ctx_labels = make_inputs(grid, n_ctx, d, n_lab, n0=n0)
+    first[1:3] = first[0]
+    if ctx.shape[0] and first.shape[0] == ctx.shape[1]:
+        ctx[0] = first
+    return query, first, first_labels, ctx, ctx_labels
+
+
+@needs_emu
+@needs_fma_cpu
+@pytest.mark.parametrize("schedule", EMU_BITWISE_SCHEDULES)
+@pytest.mark.parametrize("grid,n_ctx,d,n_lab,topk,radius,n0", [
+    ((12, 14), 3, 64, 3, 7, 3.0, None),    # the largest default grid; one 16-query tile per row, 2 padded queries
+    ((5, 17), 2, 40, 2, 9, 2.5, None),     # two tiles per row (16 + 1 queries), D = 40: a zero-padded tail
+    ((4, 33), 2, 19, 2, 5, 1.0, None),     # three tiles per row, D = 19
+    ((3, 9), 2, 384, 4, 7, 7.0, None),     # D = 384, the SMTC features
+    ((7, 11), 2, 24, 1, 500, 2.5, 400),    # k = 500: top-k lists in the global workspace; k > candidates
+    ((6, 5), 4, 12, 3, 9, 0.0, None),      # radius 0: frame 0 only
+    ((6, 5), 4, 12, 3, 9, 0.5, None),      # radius 0.5: only the query's own cell
+    ((1, 1), 2, 8, 3, 7, 7.0, None),       # fewer candidates than k
+    ((3, 2), 0, 8, 3, 4, 7.0, None),       # no context frames
+    ((2, 3), 2, 20, 3, 7, 9.0, None),      # grid smaller than the radius
+    ((9, 10), 3, 32, 3, 5, 4.0, None),     # many exact ties: see _inputs_with_ties
+])
+def test_emulated_cuda_kernel_equals_cpu_kernel_bitwise(monkeypatch, schedule, grid, n_ctx, d, n_lab, topk,
+                                                         radius, n0):
+    args = _inputs_with_ties(grid, n_ctx, d, n_lab, n0)
+    want = torch.ops.smtc_fast.propagate_labels(*args, grid, topk, radius, 0.2)
+    got = _emu(monkeypatch, schedule, *args, grid, topk, radius, 0.2)
+    assert torch.equal(got, want)
+
+
+@needs_emu
+@needs_fma_cpu
+@pytest.mark.parametrize("schedule", EMU_BITWISE_SCHEDULES)
+@pytest.mark.parametrize("stride,topk,radius", [(16, 7, 7.0), (8, 28, 35.0)])
+def test_emulated_cuda_kernel_equals_cpu_kernel_on_blackswan(monkeypatch, schedule, stride, topk, radius):
+    """Real frames (colour features, D = 4, logits crowd near 1: many near and exact ties) on a 12 x 14 crop of
+    the grid, the presets' top-k and radius."""
+    feats, (h, w) = _blackswan_feats(6, stride)
+    y0, x0 = h // 3, w // 3
+    feats = feats.reshape(6, h, w, -1)[:, y0:y0 + 12, x0:x0 + 14].reshape(6, 12 * 14, -1).contiguous()
+    grid, N = (12, 14), 12 * 14
+    first_labels = torch.rand(N, 3)
+    ctx_labels = torch.softmax(torch.randn(4, N, 3), -1)
+    args = [feats[5], feats[0], first_labels, feats[1:5], ctx_labels]
+    want = torch.ops.smtc_fast.propagate_labels(*args, grid, topk, radius, 0.2)
+    got = _emu(monkeypatch, schedule, *args, grid, topk, radius, 0.2)
+    assert torch.equal(got, want)
+
+
+@needs_emu
+def test_emulated_cuda_kernel_deterministic_across_schedules(monkeypatch):
+    """No float atomics, fixed-order reductions: the same bits under every thread order (independent of the CPU
+    kernel, so this runs on any CPU). Global top-k workspace (k = 400) and the shared-memory one (k = 6)."""
+    for grid, n0, topk in [((9, 18), None, 6), ((5, 7), 450, 400)]:
+        args = _inputs_with_ties(grid, 3, 24, 3, n0)
+        outs = [_emu(monkeypatch, s, *args, grid, topk, 3.0, 0.1) for s in ("forward", "reverse", "random:3")]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_whole_video_matches_reference_and_dense_path():

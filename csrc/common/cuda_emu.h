@@ -219,6 +219,10 @@ inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+// Round-to-nearest float multiply and add that the compiler never fuses into an FMA (on the device too); the
+// host build contracts nothing anyway (GCC in ISO -std=c++NN mode: -ffp-contract=off), so they are the plain operators.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline int __float_as_int(float x) { int i; std::memcpy(&i, &x, 4); return i; }
 inline float __int_as_float(int i) { float x; std::memcpy(&x, &i, 4); return x; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

@@ -30,12 +30,15 @@ at::Tensor propagate_labels_cuda(const at::Tensor& query_in, const at::Tensor& f
   auto out = at::empty({N, K}, query.options());
   if (N == 0 || K == 0) return out;
   const int k = static_cast<int>(std::min<int64_t>(topk, N0 + n * N));
-  auto vals = at::empty({N, k}, query.options());
-  auto idx = at::empty({N, k}, query.options().dtype(at::kLong));
+  // top-k workspaces only for a k whose lists do not fit in the kernel's shared memory
+  const bool global_topk = !propagate_topk_in_smem(k);
+  auto vals = at::empty({global_topk ? N : 0, k}, query.options());
+  auto idx = at::empty({global_topk ? N : 0, k}, query.options().dtype(at::kLong));
   launch_propagate_labels(query.data_ptr<float>(), first_feats.data_ptr<float>(), first_labels.data_ptr<float>(),
                           ctx_feats.data_ptr<float>(), ctx_labels.data_ptr<float>(), N, D, N0, n, K, grid[0],
-                          grid[1], k, radius, temperature, vals.data_ptr<float>(), idx.data_ptr<int64_t>(),
-                          out.data_ptr<float>(), current_stream(query));
+                          grid[1], k, radius, temperature, global_topk ? vals.data_ptr<float>() : nullptr,
+                          global_topk ? idx.data_ptr<int64_t>() : nullptr, out.data_ptr<float>(),
+                          current_stream(query));
   return out;
 }
 
