@@ -311,3 +311,13 @@ def test_bf16_autocast_forward_and_losses():
     assert all(torch.isfinite(v) for v in losses.values()) and losses["total"].dtype == torch.float32
     losses["total"].backward()
     assert model.slot_attention.project_q.weight.grad is not None
+
+
+def test_model_defaults_are_the_official_model():
+    """Spec §1.3: S = 16 semantic x P = 4 instance slots, 3 iterations in training, eps 1e-8, the stage-2 mask
+    (semantic logits > 0.3), the residual slot update. Pinned: tests build small models with explicit values."""
+    cfg = SMTCConfig()
+    assert (cfg.num_slots, cfg.num_instances, cfg.iters) == (16, 4, 3)
+    assert (cfg.stage2_mask, cfg.tau, cfg.slot_update) == ("logits", None, "residual")
+    sa = SMTC(tiny()).slot_attention  # tiny() keeps the defaults below
+    assert (sa.eps, sa.tau, sa.stage2_mask, sa.iters) == (1e-8, 0.3, "logits", 3)
