@@ -302,15 +302,28 @@ def test_bf16_autocast_forward_and_losses():
     torch.manual_seed(0)
     model = SMTC(tiny())
     x = torch.randn(1, 2, 3, 64, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        s = model(x)
-        with torch.no_grad():
-            t = model(x)
-    assert s.semantic_logits.dtype == torch.bfloat16
-    losses = smtc_losses(s, t)
-    assert all(torch.isfinite(v) for v in losses.values()) and losses["total"].dtype == torch.float32
-    losses["total"].backward()
-    assert model.slot_attention.project_q.weight.grad is not None
+    noise = torch.randn(2, 4, 3, 192)  # the same instance noise in both precisions
+
+    def step(bf16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            s = model(x, noise)
+            with torch.no_grad():
+                t = model(x, noise)
+        losses = smtc_losses(s, t)
+        losses["total"].backward()
+        return s, losses, model.slot_attention.project_q.weight.grad.clone()
+
+    s, losses, grad = step(True)
+    assert s.semantic_logits.dtype == torch.bfloat16 and losses["total"].dtype == torch.float32
+    s32, losses32, grad32 = step(False)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9): measured here, |logits - fp32| <= 0.01 (logits up to
+    # 0.9), losses within 4e-3, the q-projection gradient 1.6% off in norm; the bounds below leave ~3x room.
+    torch.testing.assert_close(s.semantic_logits.float(), s32.semantic_logits, atol=3e-2, rtol=0)
+    assert losses["valid_frac"] == losses32["valid_frac"]  # the same instances pass the validity filter
+    for k in ("total", "sem", "reg", "obj"):
+        assert losses[k].item() == pytest.approx(losses32[k].item(), abs=1e-2), k
+    assert (grad - grad32).norm() <= 0.05 * grad32.norm()
 
 
 def test_model_defaults_are_the_official_model():
