@@ -35,8 +35,10 @@ $(BUILT): $(DEPS) setup.py $(CSRC)
 venv: $(DEPS)
 build: $(BUILT)
 
+# The extension just built must import: otherwise every kernel test would fall back to the references.
 test: $(BUILT)
 	$(PY) -c "import smtc_fast, json; print(json.dumps(smtc_fast.build_info(), indent=1))"
+	$(PY) -c "from smtc_fast.testing import check_build_loaded; check_build_loaded()"
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS) python_tests
 
 test-slow: $(BUILT)

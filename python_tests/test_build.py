@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import smtc_fast
 
 
@@ -39,3 +41,50 @@ def test_import_without_extension_falls_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+def test_built_kernels_are_loaded():
+    """The kernels the build record says were built must be loaded: a build whose smtc_fast._C does not import
+    would otherwise pass every kernel test on the references (`make test` runs the same check first)."""
+    from smtc_fast.testing import check_build_loaded
+
+    try:
+        check_build_loaded()
+    except SystemExit as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def test_require_kernel_skips_unbuilt_and_fails_unloaded(monkeypatch):
+    from smtc_fast import _extension
+    from smtc_fast.testing import check_build_loaded, require_kernel
+
+    monkeypatch.setattr(_extension, "_C", None)  # as if smtc_fast._C had not imported
+    monkeypatch.setattr(_extension, "_LOAD_ERROR", "ImportError: hidden by test")
+    monkeypatch.setattr(_extension, "_read_record", lambda: {"extension": True, "cuda": False})
+    with pytest.raises(pytest.fail.Exception, match="says the cpu kernels were built.*hidden by test"):
+        require_kernel("cpu")
+    with pytest.raises(SystemExit, match="hidden by test"):
+        check_build_loaded()
+    monkeypatch.setattr(_extension, "_read_record",
+                        lambda: {"extension": False, "why_no_extension": "SMTC_FAST_NO_EXTENSION=1 at build time"})
+    with pytest.raises(pytest.skip.Exception, match="SMTC_FAST_NO_EXTENSION=1"):
+        require_kernel("cpu")
+    check_build_loaded()  # nothing was built, nothing is missing
+
+
+def test_kernel_ran_sees_the_fallback(monkeypatch):
+    import torch
+
+    from smtc_fast.ops import correlation
+    from smtc_fast.testing import kernel_namespace, kernel_ran
+
+    assert kernel_namespace("cpu") == kernel_namespace(torch.device("cuda", 0)) == "smtc_fast"
+    assert kernel_namespace("cuda_emu") == "smtc_fast_cuda_emu"
+    a = torch.randn(2, 3, 4)
+    with kernel_ran("cpu", "correlation") as calls:
+        correlation(a, a)
+    assert calls["correlation"] == 1
+    monkeypatch.setenv("SMTC_FAST_FORCE_REFERENCE", "1")
+    with pytest.raises(AssertionError, match="smtc_fast::correlation did not run"):
+        with kernel_ran("cpu", "correlation"):
+            correlation(a, a)

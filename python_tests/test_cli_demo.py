@@ -49,6 +49,27 @@ def _valid_image(path, animated=False):
             assert getattr(im, "n_frames", 1) > 1, f"{path} is not animated"
 
 
+def _recomputed_demo_jf(out, clip, feature_fn, stride):
+    """J&F and J of one demo row recomputed from the PNGs the demo wrote (the clip's frames and annotations):
+    frame 0's annotation propagated with the dense PyTorch step (the demo calls the fused op), scored by
+    metrics.evaluate_sequence (the demo calls evaluate_semisupervised) on the frames DAVIS scores, 1..T-2."""
+    import dataclasses
+    import glob
+
+    from smtc_fast.evaluate import io as eio
+    from smtc_fast.evaluate import metrics as M
+    from smtc_fast.evaluate import propagation as P
+
+    frames = sorted(glob.glob(str(out / "clips" / "JPEGImages" / clip / "*.png")))
+    gt = np.stack([eio.read_label(p) for p in sorted(glob.glob(str(out / "clips" / "Annotations" / clip / "*.png")))])
+    assert len(frames) == len(gt) == 8
+    preset = dataclasses.replace(P.PRESETS["smtc-stride16"], map_scale=stride, image_multiple=stride)
+    preds = np.stack([lab for _, lab in P.propagate_label_video(frames, gt[0], feature_fn, preset,
+                                                                step=P.propagate_dense)])
+    J, Fm = M.evaluate_sequence(gt[1:-1], preds[1:-1], "semi-supervised", n_objects=int(gt[0].max()))
+    return (J.mean() + Fm.mean()) / 2, J.mean()
+
+
 def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
@@ -65,8 +86,16 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
         assert f"{clip}_slots.gif" in html and f"{clip}_propagation.gif" in html
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     assert {r["features"] for r in rows} == {"demo model", "colour (no learning)"}
+    # every reported score, recomputed from what the demo wrote: the clips and the trained checkpoint
+    from smtc_fast.evaluate.propagation import ColorFeatures, ViTTokens
+    from smtc_fast.models import load_checkpoint
+
+    model, _ = load_checkpoint(str(out / "train" / "last.pt"))
+    features = {"demo model": (ViTTokens(model.eval()), model.encoder.stride),
+                "colour (no learning)": (ColorFeatures(8), 8)}
     for r in rows:
-        assert 0.0 <= r["J&F"] <= 1.0 and 0.0 <= r["J"] <= 1.0
+        jf, j = _recomputed_demo_jf(out, r["clip"], *features[r["features"]])
+        assert r["J&F"] == pytest.approx(jf, abs=1e-6) and r["J"] == pytest.approx(j, abs=1e-6), r
     # a re-run into the same folder works (idempotent) and gives the same numbers (seeded, deterministic on CPU)
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())["rows"]

@@ -12,7 +12,7 @@ import smtc_fast
 from smtc_fast.evaluate import io as eio
 from smtc_fast.evaluate import propagation as P
 from smtc_fast.ops import propagate_labels, propagate_labels_reference
-from smtc_fast.testing import assert_close_to_reference
+from smtc_fast.testing import assert_close_to_reference, kernel_ran
 
 from conftest import DEVICES, EmuDevice
 
@@ -142,7 +142,8 @@ def test_reference_equals_evaluator_dense_step(topk, radius, chunk):
 ], lambda grid, *_: grid[0] * grid[1] <= 12 * 14))
 def test_kernel_matches_reference_random(device, grid, n_ctx, d, n_lab, topk, radius):
     args = make_inputs(grid, n_ctx, d, n_lab, device)
-    got = propagate_labels(*args, grid, topk, radius, 0.2)
+    with kernel_ran(device, "propagate_labels"):
+        got = propagate_labels(*args, grid, topk, radius, 0.2)
     want = propagate_labels_reference(*[a.cpu() for a in args], grid, topk, radius, 0.2)
     assert got.shape == want.shape and got.dtype == torch.float32
     check_same_prediction(got.cpu(), want)
