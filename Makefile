@@ -69,7 +69,7 @@ test-cuda-emu-tsan: $(DEPS)
 	$(call SAN_COPY,tsan,thread)
 	cd build-tsan/src && LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" SMTC_FAST_EMU_THREADS=3 OMP_NUM_THREADS=1 \
 		TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 \
-		$(abspath $(PY)) -m pytest -m cuda_emu -q -p no:cacheprovider -k "not many_frames_run_past" $(PYTEST_ARGS) python_tests
+		$(abspath $(PY)) -m pytest -m cuda_emu -q -p no:cacheprovider -k "not many_frames" $(PYTEST_ARGS) python_tests
 
 # ptxas resource use of every CUDA kernel (registers, shared memory, spills) for sm_80 and sm_90, checked against
 # csrc/tests/ptxas_budget.json: a kernel that spills or outgrows its budget fails (python_tests/test_ptxas.py runs

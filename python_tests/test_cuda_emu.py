@@ -197,6 +197,11 @@ def test_many_frames_run_past_the_old_grid_limits():
     B = 65537
     a, b = torch.randn(B, 2, 3), torch.randn(B, 2, 3)
     torch.testing.assert_close(EMU.correlation(a, b), torch.bmm(a, b.transpose(1, 2)))
+
+
+@pytest.mark.slow  # 65537 blocks of 256 emulated threads: ~50 s
+def test_many_frames_slot_aggregate_runs_past_the_old_grid_limits():
+    B = 65537
     logits, values = torch.randn(B, 1, 2, 2), torch.randn(B, 2, 1)
     u, _ = EMU.slot_aggregate(logits, values, None, 1e-8)
     torch.testing.assert_close(u[:, 0], slot_aggregate_reference(logits[:, 0], values)[0])
