@@ -66,14 +66,7 @@ def semantic_loss(student_logits, teacher_logits, teacher_keys, eps=0.05, iters=
     plans or cross matrices (its reference is the unfused path). Inputs are computed in float32 (float64 if any
     input is float64), as the official code does in fp32.
     """
-    B, T, S, n = student_logits.shape
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits "
-                         f"{tuple(student_logits.shape)}")
-    if teacher_keys.shape[:3] != (B, T, n):
-        raise ValueError(f"teacher_keys must be (B, T, n, D) = ({B}, {T}, {n}, D), got {tuple(teacher_keys.shape)}")
-    if T < 2:
-        raise ValueError(f"L_sem needs at least 2 frames per clip, got T={T}")
+    # shapes, T >= 2, eps, iters, marginals and cost are validated by transport_loss (ops/transport_loss.py)
     dtype = torch.float32
     for x in (student_logits, teacher_logits, teacher_keys):
         dtype = torch.promote_types(dtype, x.dtype)
