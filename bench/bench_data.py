@@ -20,11 +20,9 @@ import glob
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,21 +91,15 @@ def time_loader(ds, indices):
 
 
 def environment():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """bench_train's header (CPU, cores, torch, python, commit, load) plus the decoders' versions."""
     import PIL
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "pillow": PIL.__version__,
-            "opencv": cv2.__version__ if cv2 else None, "python": platform.python_version(), "commit": commit,
-            "load_avg": os.getloadavg()}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_train import environment as train_environment
+
+    env = train_environment()
+    env.update(pillow=PIL.__version__, opencv=cv2.__version__ if cv2 else None)
+    return env
 
 
 def main():
