@@ -120,11 +120,14 @@ class SlotAttention(nn.Module):
         mu = self.slots_mu.squeeze(2)  # (1, S, D)
         init = mu.expand(B, S, D)
         slots = init
+        grad = torch.is_grad_enabled()
         for t in range(self.iters):
-            q = self.project_q(self.norm_slots(slots))
-            sem_logits = torch.einsum("bsd,bnd->bsn", q, k) * self.scale  # (B, S, N)
-            updates, _ = slot_aggregate(sem_logits, v, eps=self.eps)
-            slots = self._update(slots, updates)
+            # iterations before the last are cut off by the straight-through below: no graph for them
+            with torch.set_grad_enabled(grad and t == self.iters - 1):
+                q = self.project_q(self.norm_slots(slots))
+                sem_logits = torch.einsum("bsd,bnd->bsn", q, k) * self.scale  # (B, S, N)
+                updates, _ = slot_aggregate(sem_logits, v, eps=self.eps)
+                slots = self._update(slots, updates)
             if t == self.iters - 2:
                 # Straight-through fixed point (spec §1.3): only the last iteration is backpropagated; the earlier
                 # ones pass an identity gradient to the initialisation.
@@ -147,10 +150,11 @@ class SlotAttention(nn.Module):
         mask = self.semantic_mask(sem_logits)  # (B, S, N)
         slots = init
         for t in range(self.iters):
-            q = self.project_q(self.norm_slots(slots))
-            ins_logits = torch.einsum("bspd,bnd->bspn", q, k) * self.scale  # (B, S, P, N)
-            updates, _ = slot_aggregate(ins_logits, v, mask=mask, eps=self.eps)
-            slots = self._update(slots, updates)
+            with torch.set_grad_enabled(grad and t == self.iters - 1):
+                q = self.project_q(self.norm_slots(slots))
+                ins_logits = torch.einsum("bspd,bnd->bspn", q, k) * self.scale  # (B, S, P, N)
+                updates, _ = slot_aggregate(ins_logits, v, mask=mask, eps=self.eps)
+                slots = self._update(slots, updates)
             if t == self.iters - 2:
                 slots = slots.detach() - init.detach() + init
         return {"semantic_slots": semantic_slots, "semantic_logits": sem_logits,

@@ -90,16 +90,25 @@ class SMTC(nn.Module):
                 f"  torch: {str(exc)[:1500]}") from None
 
     def fuse(self, keys, B, T, grid):
-        """keys (B*T, n, D) -> X (B*T, n, D) = keys + h_c(C) with the previous frame (cyclic, spec §1.2)."""
+        """keys (B*T, n, D) -> X (B*T, n, D) = keys + h_c(C) with the previous frame (cyclic, spec §1.2).
+
+        h_c is a Conv1d(n_train, D, 1) over C (n_train, n), i.e. the linear map W (D, n_train) applied to each
+        target token's column of C. We compute it on C^T (n, n_train) = keys . ref^T, the same dot products, so
+        that h_c is one GEMM whose (B*T*n, D) output is already in the keys' layout: no (B*T, D, n) output to
+        transpose, no grouped convolution (half the GEMM's speed here), and the bias and the residual keys enter
+        as the GEMM's accumulator (addmm). The values equal the official conv up to float rounding."""
         h, w = grid
-        D = keys.shape[-1]
-        ref = keys.transpose(1, 2).reshape(B * T, D, h, w)
+        BT, n, D = keys.shape
+        ref = keys
         if (h, w) != self.train_grid:  # only the reference is resized, so h_c's in-dim stays n_train
+            ref = keys.transpose(1, 2).reshape(BT, D, h, w)
             ref = F.interpolate(ref, size=self.train_grid, mode="bilinear", align_corners=False)
-        ref = ref.flatten(2).transpose(1, 2).reshape(B, T, -1, D)
-        ref = torch.roll(ref, shifts=1, dims=1).flatten(0, 1)  # frame t uses t-1; frame 0 uses T-1
-        corr = correlation(ref.contiguous(), keys.contiguous())  # (B*T, n_train, n), raw dot products
-        return keys + self.transport_proj(corr).transpose(1, 2)
+            ref = ref.flatten(2).transpose(1, 2)
+        ref = torch.roll(ref.reshape(B, T, -1, D), shifts=1, dims=1).flatten(0, 1)  # frame t uses t-1, 0 uses T-1
+        corr_t = correlation(keys.contiguous(), ref.contiguous())  # (B*T, n, n_train) = C^T, raw dot products
+        weight = self.transport_proj.weight.squeeze(-1)  # (D, n_train)
+        x = torch.addmm(keys.reshape(BT * n, D) + self.transport_proj.bias, corr_t.reshape(BT * n, -1), weight.t())
+        return x.view(BT, n, D)
 
     def forward(self, frames, instance_noise=None):
         """Training forward. frames (B, T, 3, H, W); instance_noise (B*T, S, P, D) or None -> SMTCOutput."""
