@@ -72,31 +72,52 @@ def measure(args):
     D = student.transport_proj.out_channels
     noise = torch.randn(B * T, args.slots, args.instances, D)
 
+    parts = {}  # head-only steps: seconds per component, accumulated over the timed steps
+
+    def record(name, t0):
+        t1 = time.perf_counter()
+        parts[name] = parts.get(name, 0.0) + (t1 - t0)
+        return t1
+
     def step(head_only):
         # the two views' augmentation belongs to the full step only: the head step starts from cached keys (timing
         # it here made the augmentation ~3/4 of the "head" time at 256^2)
         if not head_only:
             x_s = augment_clips(clips, list(range(B)))
             x_t = augment_clips(clips, list(range(B, 2 * B)))
+        lap = record if head_only else (lambda name, t0: time.perf_counter())
+        t = time.perf_counter()
         with precision.autocast("cpu", args.amp):  # as smtc_fast.train: the forwards autocast, the losses not
-            if head_only:
+            if head_only:  # SMTC.head, component by component
                 keys_s, grid = cached["s"]
-                out_s = student.head(keys_s, B, T, grid, noise)
+                x = student.fuse(keys_s, B, T, grid)
+                t = lap("student fuse (correlation + h_c)", t)
+                slots = student.slot_attention(x, instance_noise=noise)
+                t = lap("student slot attention (3 + 3)", t)
+                out_s = student.head_outputs(keys_s, slots, B, T, grid)
+                t = lap("student mlp_slot", t)
                 with torch.no_grad():
                     out_t = teacher.head(*cached["t"][:1], B, T, cached["t"][1], noise)
+                t = lap("teacher head", t)
             else:
                 out_s = student(x_s, noise)
                 with torch.no_grad():
                     out_t = teacher(x_t, noise)
-        loss = semantic_loss(out_s.semantic_logits, out_t.semantic_logits, out_t.keys) \
-            + overlap_loss(out_s.semantic_logits) \
-            + object_loss(out_s.proj, out_t.proj,
-                          valid_instances(out_s.semantic_logits, out_s.semantic_slots, out_s.instance_slots),
-                          valid_instances(out_t.semantic_logits, out_t.semantic_slots, out_t.instance_slots))
+        l_sem = semantic_loss(out_s.semantic_logits, out_t.semantic_logits, out_t.keys)
+        t = lap("L_sem", t)
+        l_reg = overlap_loss(out_s.semantic_logits)
+        t = lap("L_reg", t)
+        v_s = valid_instances(out_s.semantic_logits, out_s.semantic_slots, out_s.instance_slots)
+        v_t = valid_instances(out_t.semantic_logits, out_t.semantic_slots, out_t.instance_slots)
+        t = lap("validity filter", t)
+        loss = l_sem + l_reg + object_loss(out_s.proj, out_t.proj, v_s, v_t)
+        t = lap("L_obj", t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t = lap("backward", t)
         opt.step()
         ema_update(teacher, student, 0.999, False)
+        lap("AdamW + EMA", t)
 
     with torch.no_grad(), precision.autocast("cpu", args.amp):
         ks, _, grid = student.encode(augment_clips(clips, list(range(B))))
@@ -106,17 +127,21 @@ def measure(args):
     times = {"full": [], "head": []}
     for k in range(args.warmup + args.steps):
         for mode in (("head",) if args.head_only else ("full", "head")):
+            if mode == "head" and k == args.warmup:
+                parts.clear()  # components of the timed head steps only
             t0 = time.perf_counter()
             step(mode == "head")
             if k >= args.warmup:
                 times[mode].append(time.perf_counter() - t0)
+    parts = {name: v / args.steps for name, v in parts.items()}  # mean seconds per head step
     probe = torch.zeros(1, 2, 2)
     head = statistics.median(times["head"])
     full = statistics.median(times["full"]) if times["full"] else float("nan")  # --head-only: no full step
     print(json.dumps({"uses_kernels": use_kernel(probe), "precision": precision.describe("cpu", args.amp),
                       "step_s": full, "head_s": head,
                       "backbone_s": max(0.0, full - head), "backbone_share": max(0.0, full - head) / full,
-                      "head_share": min(1.0, head / full), "all_full_s": times["full"], "all_head_s": times["head"]}))
+                      "head_share": min(1.0, head / full), "all_full_s": times["full"], "all_head_s": times["head"],
+                      "head_parts_s": parts}))
 
 
 def main():
@@ -133,9 +158,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="alternating kernel/reference subprocess rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["kernels", "bf16", "reference"],
-                        choices=["kernels", "bf16", "reference"],
+                        choices=["kernels", "bf16", "reference", "reference-bf16"],
                         help="kernels = float32 with the compiled ops; bf16 = the same under --amp autocast; "
-                             "reference = float32 with the PyTorch references")
+                             "reference = float32 with the PyTorch references; reference-bf16 = the references "
+                             "under --amp")
     parser.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--head-only", action="store_true",
                         help="time only the head step (backbone keys precomputed): the official batch in minutes")
@@ -156,8 +182,8 @@ def main():
     for _ in range(args.rounds):
         for mode in args.modes:
             env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            env["SMTC_FAST_FORCE_REFERENCE"] = "1" if mode == "reference" else "0"
-            amp = ["--amp"] if mode == "bf16" else []
+            env["SMTC_FAST_FORCE_REFERENCE"] = "1" if mode.startswith("reference") else "0"
+            amp = ["--amp"] if mode.endswith("bf16") else []
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", *passthrough, *amp],
                                   env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -167,28 +193,34 @@ def main():
     for mode, runs in results.items():
         summary[mode] = {k: statistics.median(r[k] for r in runs)
                          for k in ("step_s", "head_s", "backbone_s", "backbone_share", "head_share")}
+        summary[mode]["head_parts_s"] = {name: statistics.median(r["head_parts_s"][name] for r in runs)
+                                         for name in runs[0]["head_parts_s"]}
         summary[mode]["uses_kernels"] = runs[0]["uses_kernels"]
         summary[mode]["precision"] = runs[0]["precision"]
-    for other in ("reference", "bf16"):
-        if other in summary and "kernels" in summary:
+    # ratios > 1 mean the first-named mode is slower
+    for slow, fast in (("reference", "kernels"), ("reference-bf16", "bf16"), ("kernels", "bf16"),
+                       ("reference", "bf16")):
+        if slow in summary and fast in summary:
             for part in ("step", "head"):
-                summary[f"kernels_over_{other}_{part}" if other == "bf16" else f"reference_over_kernels_{part}"] = (
-                    summary["kernels"][f"{part}_s"] / summary[other][f"{part}_s"] if other == "bf16"
-                    else summary[other][f"{part}_s"] / summary["kernels"][f"{part}_s"])
+                summary[f"{slow}_over_{fast}_{part}"] = summary[slow][f"{part}_s"] / summary[fast][f"{part}_s"]
     out = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
            "summary": summary, "runs": results}
 
-    print(f"{'mode':<10} {'step ms':>9} {'head ms':>9} {'backbone %':>11} {'head %':>7}  kernels  precision")
+    print(f"{'mode':<15} {'step ms':>9} {'head ms':>9} {'backbone %':>11} {'head %':>7}  kernels  precision")
     for mode in args.modes:
         s = summary[mode]
-        print(f"{mode:<10} {1e3 * s['step_s']:9.1f} {1e3 * s['head_s']:9.1f} {100 * s['backbone_share']:10.1f}% "
+        print(f"{mode:<15} {1e3 * s['step_s']:9.1f} {1e3 * s['head_s']:9.1f} {100 * s['backbone_share']:10.1f}% "
               f"{100 * s['head_share']:6.1f}%  {str(s['uses_kernels']):<7}  {s['precision']}")
-    if "reference_over_kernels_step" in summary:
-        print(f"reference / kernels: step x{summary['reference_over_kernels_step']:.3f}, "
-              f"head x{summary['reference_over_kernels_head']:.3f}")
-    if "kernels_over_bf16_step" in summary:
-        print(f"float32 / bf16 (--amp): step x{summary['kernels_over_bf16_step']:.3f}, "
-              f"head x{summary['kernels_over_bf16_head']:.3f}")
+    for slow, fast in (("reference", "kernels"), ("reference-bf16", "bf16"), ("kernels", "bf16"),
+                       ("reference", "bf16")):
+        if f"{slow}_over_{fast}_head" in summary:
+            print(f"{slow} / {fast}: step x{summary[f'{slow}_over_{fast}_step']:.3f}, "
+                  f"head x{summary[f'{slow}_over_{fast}_head']:.3f}")
+    print(f"\nhead step by component (ms, mean over the timed steps; median over rounds)")
+    print(f"{'component':<34}" + "".join(f"{m:>15}" for m in args.modes))
+    for name in summary[args.modes[0]]["head_parts_s"]:
+        print(f"{name:<34}" + "".join(f"{1e3 * summary[m]['head_parts_s'][name]:15.1f}" for m in args.modes))
+    print(f"{'sum':<34}" + "".join(f"{1e3 * sum(summary[m]['head_parts_s'].values()):15.1f}" for m in args.modes))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

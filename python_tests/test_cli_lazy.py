@@ -65,13 +65,13 @@ def test_lazy_names_stand_for_the_real_objects():
     import smtc_fast
     from smtc_fast import _extension
     from smtc_fast import train as tr
-    from smtc_fast.losses import semantic_loss
+    from smtc_fast.data import open_clips
     from smtc_fast.models import SMTCConfig
     from smtc_fast.models.smtc import SMTCConfig as SMTCConfig2
 
     assert smtc_fast.build_info is _extension.build_info
     assert SMTCConfig is SMTCConfig2
     assert tr.torch.zeros is torch.zeros
-    assert tr.semantic_loss._target() is semantic_loss
+    assert tr.open_clips._target() is open_clips
     with pytest.raises(AttributeError):
         smtc_fast.no_such_name  # noqa: B018

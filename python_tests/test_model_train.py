@@ -13,6 +13,7 @@ from PIL import Image
 
 from smtc_fast.data import FrameFolderClips, VideoFileClips, augment_clips, make_clip, open_clips
 from smtc_fast.models import SMTC, SMTCConfig, load_checkpoint
+from smtc_fast.testing import kernel_ran
 from smtc_fast.train import TrainConfig, discovery_iou, lr_at, param_groups, set_lr, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,17 +78,18 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    import smtc_fast.losses as losses
     import smtc_fast.train as tr
 
     calls = {"n": 0}
-    real = tr.semantic_loss
+    real = losses.semantic_loss
 
     def flaky(*args, **kw):
         calls["n"] += 1
         out = real(*args, **kw)
         return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(tr, "semantic_loss", flaky)
+    monkeypatch.setattr(losses, "semantic_loss", flaky)  # what the trainer's step_losses calls
     summary = train(tiny_train(tmp_path, steps=5, save_every=1), tiny_model())
     assert summary["exit_code"] == tr.EXIT_NONFINITE and "loss is nan at step 2" in summary["message"]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
@@ -294,3 +296,51 @@ def test_training_step_sem_loss_is_the_official_value(tmp_path, monkeypatch):
     want = official_sem_loss(student.semantic_logits.detach(), teacher.semantic_logits, teacher.keys)
     got = read_metrics(tmp_path)[0]["sem"]
     assert got == pytest.approx(want.item(), rel=1e-5, abs=2e-5)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_step_compiles_as_one_graph(amp):
+    """The trainer's forward half (losses.step_losses: both models, L_sem / L_reg / L_obj, with the compiled ops)
+    is captured by torch.compile(fullgraph=True) with no graph break, the prerequisite of `--compile` and of CUDA
+    graphs ('reduce-overhead'). aot_eager traces forward and backward through our ops' fake and autograd
+    registrations and runs the traced graphs eagerly: the loss terms and every gradient equal eager's bitwise.
+    (Inductor, the `--compile default` backend, is exercised by the slow test below.)"""
+    from smtc_fast.losses import step_losses
+    from smtc_fast.precision import autocast_dtype
+
+    torch.manual_seed(0)
+    student = SMTC(tiny_model(drop_path_rate=0.0)).train()
+    teacher = SMTC(tiny_model(drop_path_rate=0.0)).eval()
+    teacher.load_state_dict(student.state_dict())
+    x_s, x_t = torch.rand(2, 3, 3, 64, 64), torch.rand(2, 3, 3, 64, 64)
+    noise_s, noise_t = torch.randn(6, 4, 3, 192), torch.randn(6, 4, 3, 192)
+    dtype = autocast_dtype("cpu", amp)
+
+    def run(fn):
+        student.zero_grad(set_to_none=True)
+        l_sem, l_reg, obj_sum, v_s = fn(student, teacher, x_s, x_t, noise_s, noise_t, dtype)
+        (l_sem + l_reg + obj_sum / (v_s + 1e-10).sum()).backward()
+        return [t.detach() for t in (l_sem, l_reg, obj_sum, v_s)], \
+            {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    ops = ("correlation", "slot_aggregate", "transport_loss", "_transport_loss_backward")
+    with kernel_ran("cpu", *ops):
+        eager, grads_e = run(step_losses)
+    with kernel_ran("cpu", *ops):  # the compiled graph calls the same registered ops
+        compiled, grads_c = run(torch.compile(step_losses, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert grads_e.keys() == grads_c.keys() and len(grads_e) > 20
+    for n in grads_e:
+        assert torch.equal(grads_e[n], grads_c[n]), n
+
+
+@pytest.mark.slow
+def test_compile_default_trains_like_eager(tmp_path):
+    """`--compile default` (inductor) trains: the same first-step losses as eager to float tolerance (inductor fuses
+    and reorders float ops), and the run completes with a checkpoint."""
+    eager = train(tiny_train(tmp_path / "eager", steps=2), tiny_model(drop_path_rate=0.0))
+    compiled = train(tiny_train(tmp_path / "compiled", steps=2, compile="default"), tiny_model(drop_path_rate=0.0))
+    assert compiled["exit_code"] == 0 and os.path.exists(tmp_path / "compiled" / "last.pt")
+    for k in ("loss", "sem", "reg", "obj"):
+        assert compiled["last"][k] == pytest.approx(eager["last"][k], rel=1e-4, abs=1e-5), k

@@ -185,3 +185,28 @@ def smtc_losses(student, teacher, w_sem=1.0, w_reg=1.0, sinkhorn_eps=0.05, sinkh
     l_obj = object_loss(student.proj, teacher.proj, v_s, v_t, obj_margin, obj_variant)
     total = w_sem * l_sem + w_reg * l_reg + l_obj
     return {"total": total, "sem": l_sem, "reg": l_reg, "obj": l_obj, "valid_frac": v_s.mean()}
+
+
+# ---------------------------------------------------------------------------------------------------------- the step
+def step_losses(student, teacher, x_s, x_t, noise_s, noise_t, amp_dtype=None, sinkhorn_eps=0.05, sinkhorn_iters=3,
+                marginals="norm", cost="one_minus_cos", obj_margin=0.5, obj_variant="cos"):
+    """The forward half of a training step (smtc_fast.train): both models on their views, then the losses.
+
+    x_s, x_t (B, T, 3, H, W) the student's and the teacher's augmented views; noise_s, noise_t their instance-slot
+    noise. amp_dtype: torch.bfloat16 runs the two forwards under autocast (the losses stay in float32), None = fp32.
+    Returns (L_sem, L_reg, obj_sum, v_s): obj_sum = L_obj x (its denominator), so that the trainer can reduce the
+    denominator (the number of valid student instances) over DDP ranks before dividing.
+    One plain function with no host synchronisation, so `torch.compile(step_losses, fullgraph=True)` captures it
+    as one graph (trainer --compile; python_tests/test_model_train.py checks the capture against eager).
+    """
+    with torch.autocast(x_s.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        out_s = student(x_s, noise_s)
+        with torch.no_grad():
+            out_t = teacher(x_t, noise_t)
+    l_sem = semantic_loss(out_s.semantic_logits, out_t.semantic_logits, out_t.keys, sinkhorn_eps, sinkhorn_iters,
+                          marginals, cost)
+    l_reg = overlap_loss(out_s.semantic_logits)
+    v_s = valid_instances(out_s.semantic_logits, out_s.semantic_slots, out_s.instance_slots)
+    v_t = valid_instances(out_t.semantic_logits, out_t.semantic_slots, out_t.instance_slots)
+    obj_sum = object_loss(out_s.proj, out_t.proj, v_s, v_t, obj_margin, obj_variant) * (v_s.float() + 1e-10).sum()
+    return l_sem, l_reg, obj_sum, v_s

@@ -120,6 +120,10 @@ class SMTC(nn.Module):
         """Everything after the backbone: keys (B*T, n, D) on grid (h, w) -> SMTCOutput."""
         x = self.fuse(keys, B, T, grid)
         out = self.slot_attention(x, instance_noise=instance_noise)
+        return self.head_outputs(keys, out, B, T, grid)
+
+    def head_outputs(self, keys, out, B, T, grid):
+        """The slot attention's dict -> SMTCOutput, with the L_obj projection mlp_slot (spec §1.4)."""
         S, P = self.config.num_slots, self.config.num_instances
         inst = out["instance_slots"]
         proj = F.normalize(self.mlp_slot(inst), dim=-1)
