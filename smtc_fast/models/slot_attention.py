@@ -115,6 +115,10 @@ class SlotAttention(nn.Module):
         x = self.norm_input(inputs)
         k = self.project_k(x)  # (B, N, D), shared by both stages
         v = self.project_v(x)
+        if v.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # slot_aggregate computes in float32 under CPU autocast (ops/_common.autocast_inputs): cast the bf16
+            # values once here rather than in each of its 2 x iters calls (and their backward)
+            v = v.float()
 
         # Stage 1: deterministic init at mu (the same for every frame).
         mu = self.slots_mu.squeeze(2)  # (1, S, D)
