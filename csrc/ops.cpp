@@ -40,6 +40,11 @@ void define_schemas(torch::Library& m) {
   // Top-k over frame 0 (all tokens) and the context frames (disc dist < radius on the grid), softmax(logit / T).
   m.def("propagate_labels(Tensor query, Tensor first_feats, Tensor first_labels, Tensor ctx_feats, "
         "Tensor ctx_labels, int[] grid, int topk, float radius, float temperature) -> Tensor");
+
+  // DAVIS semi-supervised J and F counts of the pairs (k, k) (csrc/jf_counts/jf_counts.h; CPU only, an evaluator):
+  // pred, gt (T, H, W) uint8/int32/int64 label maps, objects 1..n_objects, radius in pixels -> (T, n_objects, 6)
+  // int64 = inter, union, fg_match, gt_match, n_fg, n_gt.
+  m.def("jf_counts(Tensor pred, Tensor gt, int n_objects, int radius) -> Tensor");
 }
 
 }  // namespace

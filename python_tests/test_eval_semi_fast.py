@@ -91,13 +91,14 @@ def test_multi_object_semisupervised_equals_reference(seq):
     np.testing.assert_array_equal(F, F3)
 
 
-def test_pinned_semisupervised_with_threads():
+@pytest.mark.parametrize("kernel", [False, None])  # the numpy scorer; the compiled one where it is built
+def test_pinned_semisupervised_with_threads(kernel):
     per_object = {}
     for seq in ("blackswan", "car-shadow"):
         gt = (_labels(os.path.join(DATA, "davis2016/Annotations/480p", seq)) > 0).astype(np.uint8)
         pred = (_labels(os.path.join(PRED, "osvos_semi", seq)) > 0).astype(np.uint8)
         per_object[f"{seq}_1"] = tuple(v[0] for v in M.evaluate_sequence(gt[1:-1], pred[1:-1], "semi-supervised",
-                                                                          n_objects=1, workers=4))
+                                                                          n_objects=1, workers=4, kernel=kernel))
     glob_, rows = M.summarize(per_object)
     assert abs(rows["blackswan_1"]["J-Mean"] - 0.94302) < 5e-6 and abs(rows["blackswan_1"]["F-Mean"] - 0.97410) < 5e-6
     assert abs(rows["car-shadow_1"]["J-Mean"] - 0.92840) < 5e-6 and abs(rows["car-shadow_1"]["F-Mean"] - 0.91741) < 5e-6
@@ -112,6 +113,83 @@ def test_read_label_stack_threads_same_and_errors_name_file(tmp_path):
     missing = files[:3] + [str(tmp_path / "00003.png")] + files[4:]
     with pytest.raises(eio.DataError, match="00003.png"):
         eio.read_label_stack(missing, workers=4)
+
+
+def _png(path, rows, colour=3, filters=None, extra=b"", crc_ok=True):
+    """A hand-made 8-bit PNG (colour type 3 = indexed, 0 = grey) of the uint8 (H, W) `rows`, each row stored with
+    filter type filters[y] (0 None or 1 Sub; default all 0), ancillary chunk bytes `extra` before the data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data, ok=True):
+        crc = zlib.crc32(kind + data) ^ (0 if ok else 1)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    h, w = rows.shape
+    filters = [0] * h if filters is None else filters
+    raw = b""
+    for y in range(h):
+        line = rows[y].astype(np.int64)
+        if filters[y] == 1:  # Sub: each byte minus its left neighbour, mod 256
+            line = (line - np.concatenate([[0], line[:-1]])) % 256
+        raw += bytes([filters[y]]) + line.astype(np.uint8).tobytes()
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+    if colour == 3:
+        body += chunk(b"PLTE", bytes(range(256)) * 3)
+    body += extra + chunk(b"IDAT", zlib.compress(raw), crc_ok) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return str(path)
+
+
+def test_read_label_fast_path_equals_pil(tmp_path):
+    """Unfiltered indexed PNGs are inflated by zlib alone (io._decode_unfiltered_indexed_png); every other PNG goes
+    through PIL. Both give what the official `np.array(Image.open(path))` gives, and reading stays writable."""
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 5, (23, 70)).astype(np.uint8)
+    lab[3:9, 10:30] = 255
+    cases = {
+        "pil_indexed": None,  # PIL writes indexed PNGs unfiltered: the fast path
+        "hand_indexed": _png(tmp_path / "a.png", lab),
+        "with_trns": _png(tmp_path / "b.png", lab, extra=b"\x00\x00\x00\x01tRNS\x00\x40\xe6\xd8\x66"),
+        "sub_filtered": _png(tmp_path / "c.png", lab, filters=[1 if y % 3 == 0 else 0 for y in range(23)]),
+        "grey": _png(tmp_path / "d.png", lab, colour=0),
+    }
+    cases["pil_indexed"] = str(tmp_path / "e.png")
+    eio.write_indexed_png(cases["pil_indexed"], lab)
+    fast = {}
+    for name, path in cases.items():
+        want = np.array(Image.open(path))
+        got = eio.read_label(path)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, lab)
+        assert got.dtype == np.uint8 and got.flags.writeable and got.flags.c_contiguous, name
+        fast[name] = eio._decode_unfiltered_indexed_png(open(path, "rb").read(), path) is not None
+    assert fast == {"pil_indexed": True, "hand_indexed": True, "with_trns": True, "sub_filtered": False,
+                    "grey": False}
+    stack = eio.read_label_stack(list(cases.values()) * 2, workers=3)
+    assert stack.shape == (10, 23, 70) and (stack == lab).all()
+    # a bad CRC or a truncated file is an error that names the file, as PIL's would be
+    bad = _png(tmp_path / "bad.png", lab, crc_ok=False)
+    with pytest.raises(eio.DataError, match="bad.png"):
+        eio.read_label(bad)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(open(cases["hand_indexed"], "rb").read()[:60])
+    with pytest.raises(eio.DataError, match="cut.png"):
+        eio.read_label(str(cut))
+
+
+def test_read_label_stack_shape_and_dtype_mixes(tmp_path):
+    small = tmp_path / "small.png"
+    eio.write_indexed_png(str(small), np.ones((5, 6), np.uint8))
+    big = tmp_path / "big.png"
+    eio.write_indexed_png(str(big), np.ones((5, 7), np.uint8))
+    with pytest.raises(eio.DataError, match="big.png"):
+        eio.read_label_stack([str(small), str(small), str(big)], workers=2)
+    wide = tmp_path / "wide.png"  # a 16-bit PNG among 8-bit ones: promoted, as np.stack would
+    Image.fromarray(np.full((5, 6), 300, np.uint16)).save(wide)
+    out = eio.read_label_stack([str(small), str(wide), str(small)])
+    assert out.dtype.itemsize >= 2 and out[:, 0, 0].tolist() == [1, 300, 1]
+    assert eio.read_label_stack([], shape=(5, 6)).shape == (0, 5, 6)
 
 
 def _unsup_root(tmp_path):

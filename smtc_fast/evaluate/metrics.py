@@ -17,6 +17,7 @@ Masks are numpy bool arrays; counts are int64 and ratios float64, as in the offi
 """
 import math
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -596,13 +597,30 @@ def pairwise_jf_labels(gt_labels, pred_labels, n_gt, n_pred, void=None, bound_th
     return J, F
 
 
-def diagonal_jf_labels(gt_labels, pred_labels, n, bound_th=0.008, workers=1):
+def diagonal_jf_labels(gt_labels, pred_labels, n, bound_th=0.008, workers=1, kernel=None):
     """J, F (n, T) of the pairs (k, k) on integer label maps (T, H, W): the semi-supervised protocol, without the
-    n x n pairs pairwise_jf_labels would compute. Frames on `workers` threads (None = default_workers())."""
+    n x n pairs pairwise_jf_labels would compute.
+
+    kernel: which scorer computes the counts (the numbers are identical, integer counts either way):
+      None ("auto"): the compiled smtc_fast.ops.jf_counts when torch is already imported in this process and the
+        extension is built, else the numpy path below (`import torch` alone costs ~1 s, the numpy path ~1 ms per
+        object and frame; `smtc eval-masks` decides by the number of frames, davis.py);
+      True: the compiled kernel (RuntimeError when it is not built); False: the numpy path.
+    workers: numpy path: frames scored on that many threads (None = default_workers()); the kernel uses torch's
+    intra-op threads.
+    """
     if gt_labels.shape != pred_labels.shape:
         raise ValueError(f"ground truth {gt_labels.shape} and prediction {pred_labels.shape} label maps differ in shape")
     n_t, h, w = gt_labels.shape
     radius = boundary_radius(h, w, bound_th)
+    op = jf_kernel(kernel)
+    if op is not None:
+        import torch
+
+        pred_k, gt_k = _kernel_labels(pred_labels, gt_labels)
+        c = op(torch.from_numpy(pred_k), torch.from_numpy(gt_k), int(n), int(radius)).numpy()  # (T, n, 6)
+        return (j_from_counts(c[..., 0], c[..., 1]).T,
+                f_from_counts(c[..., 2], c[..., 3], c[..., 4], c[..., 5]).T)
 
     def one(t):
         c = diagonal_counts_labels(pred_labels[t], gt_labels[t], n, radius)
@@ -616,8 +634,52 @@ def diagonal_jf_labels(gt_labels, pred_labels, n, bound_th=0.008, workers=1):
     return J, F
 
 
+def jf_kernel(kernel=None):
+    """The compiled jf_counts op, or None for the numpy path (see diagonal_jf_labels for `kernel`)."""
+    if kernel is False:
+        return None
+    if kernel is None and "torch" not in sys.modules:
+        return None  # not worth ~1 s of `import torch` here; callers with many frames pass kernel=True
+    try:
+        import importlib
+
+        J = importlib.import_module("smtc_fast.ops.jf_counts")  # the module (smtc_fast.ops.jf_counts is the function)
+    except ImportError as e:  # torch missing altogether
+        if kernel is True:
+            raise RuntimeError(f"the jf_counts kernel needs torch: {e}") from e
+        return None
+    if not J.has_kernel():
+        if kernel is True:
+            from smtc_fast import _extension
+
+            raise RuntimeError("the jf_counts kernel is not available: "
+                               + str(_extension.build_info()["why_no_extension"] or "SMTC_FAST_FORCE_REFERENCE is set"))
+        return None
+    return J.jf_counts
+
+
+def _kernel_labels(pred, gt):
+    """Both label stacks as C-contiguous arrays of one dtype the kernel takes (uint8, int32 or int64), no copy when
+    they already are (8-bit PNGs, --binary views)."""
+    def one(x):
+        x = np.asarray(x)
+        if x.dtype == bool:
+            x = x.view(np.uint8)
+        elif x.dtype == np.uint16:  # 16-bit PNGs
+            x = x.astype(np.int32)
+        elif x.dtype not in (np.uint8, np.int32, np.int64):
+            x = x.astype(np.int64)  # ids that do not fit (e.g. >= 2^63 in uint64) wrap to negatives: background
+        x = np.ascontiguousarray(x)
+        return x if x.flags.writeable else x.copy()  # torch.from_numpy warns on read-only arrays
+
+    pred, gt = one(pred), one(gt)
+    if pred.dtype != gt.dtype:
+        pred, gt = pred.astype(np.int64), gt.astype(np.int64)
+    return pred, gt
+
+
 def evaluate_sequence(gt_labels, pred_labels, task, matching="official", max_n_proposals=None, n_objects=None,
-                      workers=1):
+                      workers=1, kernel=None):
     """Score one sequence exactly as davis2017-evaluation does, from label maps of the frames to score.
 
     gt_labels (T, H, W): the raw annotation values (255 = void). n_objects: the max id of the sequence's FIRST
@@ -625,6 +687,7 @@ def evaluate_sequence(gt_labels, pred_labels, task, matching="official", max_n_p
     task "semi-supervised": the caller has already dropped the first and last frame; void is NOT used (§1.5).
     task "unsupervised": all frames, void honoured, matching as in evaluate_unsupervised (§1.6, §1.8).
     workers: frames scored on that many threads (None = default_workers()); the numbers do not depend on it.
+    kernel: semi-supervised only, the compiled scorer or the numpy one (diagonal_jf_labels); same numbers.
     Returns J, F (n_objects, T) float64 in the official row order.
     """
     gt_labels = np.asarray(gt_labels)
@@ -637,7 +700,8 @@ def evaluate_sequence(gt_labels, pred_labels, task, matching="official", max_n_p
                 f"the prediction holds object id {n_pred} but the ground truth has only {n_gt} objects "
                 f"(the official evaluator stops here: 'index higher than the number of objects')")
         # only ids 1..n_gt are compared, so void (255) is background here as in the official one-hot masks
-        return diagonal_jf_labels(gt_labels, pred_labels, n_gt, workers=workers)  # missing ids score as empty
+        return diagonal_jf_labels(gt_labels, pred_labels, n_gt, workers=workers,
+                                  kernel=kernel)  # missing ids score as empty
     if task != "unsupervised":
         raise ValueError(f"task must be 'semi-supervised' or 'unsupervised', got {task!r}")
     if matching not in MATCHINGS:
