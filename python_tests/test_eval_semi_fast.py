@@ -228,3 +228,28 @@ def test_eval_masks_csv_names_carry_the_task(tmp_path, capsys):
     assert os.path.isfile(out_dir / "eval_masks-unsupervised-val.json")
     assert main(base[:-2] + ["--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_eval_masks_kernel_on_off_same_numbers(tmp_path):
+    """--kernel on (the compiled scorer) and off (numpy) write the same per-frame J and F."""
+    import json
+
+    from smtc_fast.ops.jf_counts import has_kernel
+
+    if not has_kernel():
+        pytest.skip("smtc_fast._C not built")
+    root, res = tmp_path / "DAVIS", tmp_path / "res"
+    (root / "Annotations/480p/blackswan").mkdir(parents=True)
+    (res / "blackswan").mkdir(parents=True)
+    for f in sorted(glob.glob(os.path.join(DATA, "davis2016/Annotations/480p/blackswan/*.png")))[:10]:
+        shutil.copy(f, root / "Annotations/480p/blackswan")
+        shutil.copy(os.path.join(PRED, "osvos_semi", "blackswan", os.path.basename(f)), res / "blackswan")
+    (root / "ImageSets/2016").mkdir(parents=True)
+    (root / "ImageSets/2016/val.txt").write_text("blackswan\n")
+    frames = {}
+    for kernel in ("on", "off"):
+        out = tmp_path / kernel
+        assert main(["eval-masks", "--davis-root", str(root), "--results", str(res), "--task", "semi-supervised",
+                     "--binary", "--overlays", "", "--out", str(out), "--kernel", kernel]) == 0
+        frames[kernel] = json.loads((out / "eval_masks-semi-supervised-val.json").read_text())["per_frame"]
+    assert frames["on"] == frames["off"] and len(frames["on"]["blackswan_1"]["J"]) == 8
