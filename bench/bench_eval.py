@@ -1,7 +1,7 @@
 """Evaluator benchmarks: our vectorised DAVIS J&F vs the official-style loops, and propagation memory.
 
     python bench/bench_eval.py --json bench_out/bench_eval.json            # judo + dogs-jump, ~5-10 min on 2 cores
-    python bench/bench_eval.py --skip-metrics --skip-propagation           # semi-supervised + start-up, ~1-2 min
+    python bench/bench_eval.py --skip-metrics --skip-propagation           # semi-supervised + start-up, ~30 s
     python bench/bench_eval.py --quick --json bench_out/bench_eval.json    # judo only
 
 1. J&F, unsupervised protocol (20 proposals, official matching) on the real fixtures of python_tests/data
@@ -15,9 +15,20 @@
    official-style = sequential PIL decoding + metrics_reference (two seg2bmaps and two cv2.dilate per object and
    frame, the official evaluator's calls); previous = our code before issue 16 (sequential decoding, the
    all-pairs label-map path of the unsupervised protocol, diagonal kept); ours = smtc eval-masks now (threaded
-   decoding, the sparse diagonal kernel). All three must give identical J and F. Then the whole command,
-   `python -m smtc_fast.cli eval-masks` against a fresh interpreter running the official-style pipeline, and
-   `smtc --help` / `smtc <cmd> --help` start-up times.
+   decoding straight into the stack, zlib alone for unfiltered indexed PNGs, io.py; the compiled jf_counts op,
+   csrc/jf_counts/, since torch is loaded in this process: metrics.diagonal_jf_labels' kernel=None). All three
+   must give identical J and F. Then the whole command, `python -m smtc_fast.cli eval-masks` (two processes: the
+   single-object pair with --binary, the multi-object pair without) against one fresh interpreter running the
+   official-style pipeline on all four: ours with --kernel auto (the numpy scorer for a job this small: `import
+   torch` costs ~1 s a process, davis.KERNEL_MIN_FRAMES) and ours with --kernel on; and `smtc --help` /
+   `smtc <cmd> --help` start-up times.
+   Measured (2 vCPUs shared with another job, 2026-11-29; side by side; `--skip-metrics --skip-propagation`):
+   before (commit 53f0cad) in process official-style 1.90 s, ours 0.77 s (2.5x), whole processes 2.81 s vs
+   1.16 s (2.4x); after, three runs: in process 1.79 / 1.75 / 1.73 s vs 0.31 / 0.18 / 0.19 s (5.9x / 9.6x /
+   8.9x; the 0.31 s run had the other core busy, where decoding on two threads gained nothing), whole processes 2.35 / 2.21 /
+   2.53 s vs 1.06 / 0.76 / 0.77 s (2.2x / 2.9x / 3.3x), --kernel on 3.44 / 3.21 / 3.24 s. Ours is now mostly
+   PNG decoding (the DAVIS-2016 grey masks are stored with PNG filters and go through PIL, ~0.75 ms each) and,
+   as whole processes, interpreter + numpy start-up (~0.15 s each) and the numpy scorer (~1 ms per object-frame).
 3. Peak RSS of label propagation (one fresh subprocess per length, VmHWM): a synthetic video of T frames on the
    stride-16 DAVIS grid (30 x 53), 384-d features made on the fly, SMTC settings; the peak for a short and a long
    video shows whether memory grows with the video length.

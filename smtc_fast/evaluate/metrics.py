@@ -12,6 +12,10 @@ sums of products, i.e. a matrix product over pixels. So per frame we build P + G
 (scattering the disk offsets around the few boundary pixels, protocol §1.3), and get every pair's intersection, union
 and boundary matches from a few (P, HW) x (HW, G) products and gathers.
 
+The semi-supervised protocol scores only the pairs (k, k); diagonal_jf_labels computes their counts with the
+compiled smtc_fast.ops.jf_counts (csrc/jf_counts/, bit-packed rows) where it is built and torch is loaded, else with
+the numpy pair_counts below (its reference); both are exact integer counts, so J and F are identical.
+
 Shapes: P proposals / predicted objects, G ground-truth objects, T frames, H x W pixels.
 Masks are numpy bool arrays; counts are int64 and ratios float64, as in the official numpy code.
 """

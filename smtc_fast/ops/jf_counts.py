@@ -14,7 +14,8 @@ GT boundary pixel, gt_match the converse. Exact integers, so J and F equal the o
 The reference is the numpy scorer, `smtc_fast.evaluate.metrics.diagonal_counts_labels` frame by frame (per-object
 bounding boxes, seg2bmap, sorted-key searches), itself tested against the official-style full dilations of
 metrics_reference.py. The CPU kernel (csrc/jf_counts/) works on bit-packed rows: 64 pixels per integer operation
-for the boundaries, the disk dilation (one-pixel shift steps) and the popcounts, ~20-100x the numpy path.
+for the boundaries, the disk dilation (one-pixel shift steps) and the popcounts; on the DAVIS fixtures it takes
+0.1-0.2 ms per object and 480p frame on one thread, 7-10x the numpy path.
 CPU only (an evaluator: the label maps come from PNG decoding on the CPU); no autograd (integer counts).
 """
 import numpy as np
