@@ -166,3 +166,19 @@ def test_kernel_on_real_multi_object_frames(seq):
     Jn, Fn = M.evaluate_sequence(gt, dropped, "semi-supervised", n_objects=n, kernel=False)
     np.testing.assert_array_equal(Jk, Jn)
     np.testing.assert_array_equal(Fk, Fn)
+
+
+@needs_kernel
+def test_kernel_radius_beyond_the_frame():
+    """A tolerance wider than the frame (bound_th >= 1 gives the radius in pixels): every boundary pixel matches
+    as soon as the other mask has a boundary; the kernel's dilation stops growing once it spans the box."""
+    rng = np.random.default_rng(7)
+    pred = _blobs(rng, 3, 30, 150, 2)
+    gt = _blobs(rng, 3, 30, 150, 2)
+    for r in (160, 5000, 1 << 20):  # the frame's diagonal is 153
+        got = jf_counts(torch.from_numpy(pred), torch.from_numpy(gt), 2, r).numpy()
+        both = (got[..., 4] > 0) & (got[..., 5] > 0)
+        np.testing.assert_array_equal(got[..., 2], np.where(both, got[..., 4], 0))
+        np.testing.assert_array_equal(got[..., 3], np.where(both, got[..., 5], 0))
+    np.testing.assert_array_equal(jf_counts(torch.from_numpy(pred), torch.from_numpy(gt), 2, 100).numpy(),
+                                  jf_counts_reference(torch.from_numpy(pred), torch.from_numpy(gt), 2, 100).numpy())

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -32,15 +33,34 @@ namespace jf {
 
 enum Count { kInter = 0, kUnion, kFgMatch, kGtMatch, kNFg, kNGt, kCounts };
 
-// half[dy + r] = floor(sqrt(r^2 - dy^2)) for dy in [-r, r], in integers (no float sqrt to round).
-inline std::vector<int> disk_half_widths(int r) {
+// The disk of radius r by rows: half(dy) = floor(sqrt(r^2 - dy^2)) for dy in [-r, r] (exact integers), grouped
+// by width in increasing order (the dilation grows one width into the next).
+struct Disk {
+  int r = 0;
+  std::vector<int> widths;                // distinct half widths, increasing (widths[0] = 0: the rows dy = +-r)
+  std::vector<std::vector<int>> rows_of;  // rows_of[i] = the dy whose half width is widths[i]
+};
+
+inline Disk make_disk(int r) {
+  Disk d;
+  d.r = r;
   std::vector<int> half(2 * r + 1);
   for (int dy = -r; dy <= r; ++dy) {
-    int w = 0;
-    while (int64_t(w + 1) * (w + 1) + int64_t(dy) * dy <= int64_t(r) * r) ++w;
-    half[dy + r] = w;
+    const int64_t v = int64_t(r) * r - int64_t(dy) * dy;
+    int64_t w = static_cast<int64_t>(std::sqrt(static_cast<double>(v)));
+    while (w * w > v) --w;  // the double's root may be off by one either way: settle it in integers
+    while ((w + 1) * (w + 1) <= v) ++w;
+    half[dy + r] = static_cast<int>(w);
   }
-  return half;
+  d.widths = half;
+  std::sort(d.widths.begin(), d.widths.end());
+  d.widths.erase(std::unique(d.widths.begin(), d.widths.end()), d.widths.end());
+  d.rows_of.resize(d.widths.size());
+  for (int dy = -r; dy <= r; ++dy) {
+    const size_t i = std::lower_bound(d.widths.begin(), d.widths.end(), half[dy + r]) - d.widths.begin();
+    d.rows_of[i].push_back(dy);
+  }
+  return d;
 }
 
 // Bit row of (row[x] == v), x < w, into ceil(w / 64) words (bits past w are 0).

@@ -7,7 +7,7 @@
 // operations per 64 pixels of each object's box. Measured on the DAVIS fixtures (one thread, this VM): 0.1-0.2 ms
 // per object and 480p frame, a third to a half of it the two label reads and packs; bound by those reads and the
 // integer ALU, not by memory bandwidth (a frame's labels, 0.4 MB, stay in L2 across its objects).
-// Memory: two bit-packed frames (60 KB at 480p) and the box's dilations, per thread.
+// Memory per thread: two bit-packed frames (60 KB at 480p) and five box-sized bit buffers.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -32,7 +32,7 @@ namespace {
 struct Scratch {
   std::vector<uint64_t> pm, gm;          // (H, words) bit rows of pred == k and gt == k
   std::vector<uint64_t> pb, gb;          // (box rows, box words) boundary bit rows
-  std::vector<uint64_t> dil, acc;        // dilations (widths, box rows, box words); one row's OR
+  std::vector<uint64_t> dilated, ping, pong;  // (box rows, box words + 2): the disk dilation; growing rows
   std::vector<uint8_t> nz_p, nz_g;       // (H,) row holds a non-zero label
 };
 
@@ -94,9 +94,8 @@ void nonzero_rows(const L* lab, int64_t h, int64_t w, uint8_t* nz) {
 }
 
 // Counts of one object from its two bit-packed masks pm, gm (h, wd); c = its 6 counts (Count order).
-SMTC_CPU_CLONES void object_counts(const uint64_t* pm, const uint64_t* gm, int64_t h, int64_t w, int64_t wd, int r,
-                                   const int* half, const std::vector<int>& widths, const std::vector<int>& width_of,
-                                   Scratch& s, int64_t* c) {
+SMTC_CPU_CLONES void object_counts(const uint64_t* pm, const uint64_t* gm, int64_t h, int64_t w, int64_t wd,
+                                   const Disk& disk, Scratch& s, int64_t* c) {
   // areas and the bounding box of pm | gm
   int64_t inter = 0, uni = 0, y0 = h, y1 = -1, x0 = w, x1 = -1;
   for (int64_t y = 0; y < h; ++y) {
@@ -149,37 +148,40 @@ SMTC_CPU_CLONES void object_counts(const uint64_t* pm, const uint64_t* gm, int64
   c[kNFg] = n_fg;
   c[kNGt] = n_gt;
   if (n_fg == 0 || n_gt == 0) return;  // nothing to match on one side: both match counts are 0
-  const int64_t n_widths = static_cast<int64_t>(widths.size());
   const int64_t slot = nb * ns;
-  s.dil.resize((n_widths + 2) * slot);
-  s.acc.resize(nw);
+  s.dilated.resize(slot);
+  s.ping.resize(slot);
+  s.pong.resize(slot);
   // #bits of query q within the disk of a bit of b, over the box
   auto near = [&](const std::vector<uint64_t>& q, const std::vector<uint64_t>& b) -> int64_t {
-    // slot i = b dilated horizontally by widths[i] (widths[0] = 0: b itself), grown one pixel per step in the
-    // two scratch slots after them (a step reads its input's neighbours, so never in place)
-    uint64_t* dil = s.dil.data();
-    std::copy(b.begin(), b.end(), dil);
-    const uint64_t* prev = dil;
-    for (int64_t wi = 1, step = 1; wi < n_widths; ++step) {
-      uint64_t* cur = dil + (n_widths + (step & 1)) * slot;
-      for (int64_t y = 0; y < nb; ++y) {
-        cur[y * ns] = cur[y * ns + ns - 1] = 0;
-        dilate_row_by_one(prev + y * ns + 1, cur + y * ns + 1, nw);
+    // dilated[y] = OR over dy of row y + dy of b dilated horizontally by half(dy). The horizontal dilation grows one
+    // pixel per step through the disk's widths in increasing order (ping-pong: a step reads its input's
+    // neighbours); at each width its rows are ORed in. Past the box's width a step changes nothing: stop growing.
+    std::fill(s.dilated.begin(), s.dilated.end(), 0);
+    std::copy(b.begin(), b.end(), s.ping.begin());
+    uint64_t* cur = s.ping.data();
+    uint64_t* nxt = s.pong.data();
+    int64_t width = 0;
+    for (size_t wi = 0; wi < disk.widths.size(); ++wi) {
+      const int64_t target = std::min<int64_t>(disk.widths[wi], nw * 64);
+      for (; width < target; ++width) {
+        for (int64_t y = 0; y < nb; ++y) {
+          nxt[y * ns] = nxt[y * ns + ns - 1] = 0;
+          dilate_row_by_one(cur + y * ns + 1, nxt + y * ns + 1, nw);
+        }
+        std::swap(cur, nxt);
       }
-      if (step == widths[wi]) std::copy(cur, cur + slot, dil + (wi++) * slot);
-      prev = cur;
+      for (const int dy : disk.rows_of[wi]) {
+        if (dy <= -nb || dy >= nb) continue;  // beyond the box: no boundary pixel there
+        for (int64_t y = std::max<int64_t>(0, -dy); y < std::min<int64_t>(nb, nb - dy); ++y) {
+          uint64_t* dst = s.dilated.data() + y * ns + 1;
+          const uint64_t* src = cur + (y + dy) * ns + 1;
+          for (int64_t j = 0; j < nw; ++j) dst[j] |= src[j];
+        }
+      }
     }
     int64_t n = 0;
-    for (int64_t y = 0; y < nb; ++y) {
-      std::fill(s.acc.begin(), s.acc.end(), 0);
-      const int dy0 = static_cast<int>(std::max<int64_t>(-r, -y)), dy1 = static_cast<int>(std::min<int64_t>(r, nb - 1 - y));
-      for (int dy = dy0; dy <= dy1; ++dy) {
-        const uint64_t* src = dil + width_of[dy + r] * slot + (y + dy) * ns + 1;
-        for (int64_t j = 0; j < nw; ++j) s.acc[j] |= src[j];
-      }
-      const uint64_t* qr = q.data() + y * ns + 1;
-      for (int64_t j = 0; j < nw; ++j) n += __builtin_popcountll(qr[j] & s.acc[j]);
-    }
+    for (int64_t i = 0; i < slot; ++i) n += __builtin_popcountll(q[i] & s.dilated[i]);  // guards are 0 in q
     return n;
   };
   c[kFgMatch] = near(s.pb, s.gb);  // official sum(fg_b * gt_dil)
@@ -187,8 +189,8 @@ SMTC_CPU_CLONES void object_counts(const uint64_t* pm, const uint64_t* gm, int64
 }
 
 template <typename L>
-void frame_counts(const L* pred, const L* gt, int64_t h, int64_t w, int64_t n, int r, const int* half,
-                  const std::vector<int>& widths, const std::vector<int>& width_of, Scratch& s, int64_t* out) {
+void frame_counts(const L* pred, const L* gt, int64_t h, int64_t w, int64_t n, const Disk& disk, Scratch& s,
+                  int64_t* out) {
   const int64_t wd = (w + 63) / 64;
   s.pm.resize(h * wd);
   s.gm.resize(h * wd);
@@ -199,7 +201,7 @@ void frame_counts(const L* pred, const L* gt, int64_t h, int64_t w, int64_t n, i
   for (int64_t k = 1; k <= n; ++k) {
     pack_rows(pred, h, w, wd, k, s.nz_p.data(), s.pm.data());
     pack_rows(gt, h, w, wd, k, s.nz_g.data(), s.gm.data());
-    object_counts(s.pm.data(), s.gm.data(), h, w, wd, r, half, widths, width_of, s, out + (k - 1) * kCounts);
+    object_counts(s.pm.data(), s.gm.data(), h, w, wd, disk, s, out + (k - 1) * kCounts);
   }
 }
 
@@ -210,15 +212,7 @@ at::Tensor jf_counts_cpu(const at::Tensor& pred_in, const at::Tensor& gt_in, int
   const int64_t T = pred.size(0), H = pred.size(1), W = pred.size(2), n = n_objects;
   auto out = at::zeros({T, n, kCounts}, pred.options().dtype(at::kLong));
   if (T == 0 || n == 0 || H == 0 || W == 0) return out;
-  const int r = static_cast<int>(radius);
-  const std::vector<int> half = disk_half_widths(r);
-  // the disk's distinct half widths, increasing (widths[0] = 0: the rows dy = +-r), and each row's index in it
-  std::vector<int> widths(half.begin(), half.end());
-  std::sort(widths.begin(), widths.end());
-  widths.erase(std::unique(widths.begin(), widths.end()), widths.end());
-  std::vector<int> width_of(half.size());
-  for (size_t i = 0; i < half.size(); ++i)
-    width_of[i] = static_cast<int>(std::lower_bound(widths.begin(), widths.end(), half[i]) - widths.begin());
+  const Disk disk = make_disk(static_cast<int>(radius));
   int64_t* out_ptr = out.data_ptr<int64_t>();
   // one instantiation per label dtype the readers produce: uint8 (8-bit PNGs), int32 / int64 (16-bit PNGs, numpy)
   auto run = [&](auto tag) {
@@ -228,8 +222,7 @@ at::Tensor jf_counts_cpu(const at::Tensor& pred_in, const at::Tensor& gt_in, int
     for_chunks(T, 1, [&](int64_t b, int64_t e) {
       Scratch s;  // reused across the thread's frames
       for (int64_t t = b; t < e; ++t)
-        frame_counts(p + t * H * W, g + t * H * W, H, W, n, r, half.data(), widths, width_of, s,
-                     out_ptr + t * n * kCounts);
+        frame_counts(p + t * H * W, g + t * H * W, H, W, n, disk, s, out_ptr + t * n * kCounts);
     });
   };
   switch (pred.scalar_type()) {
