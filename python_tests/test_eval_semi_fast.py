@@ -253,3 +253,30 @@ def test_eval_masks_kernel_on_off_same_numbers(tmp_path):
                      "--binary", "--overlays", "", "--out", str(out), "--kernel", kernel]) == 0
         frames[kernel] = json.loads((out / "eval_masks-semi-supervised-val.json").read_text())["per_frame"]
     assert frames["on"] == frames["off"] and len(frames["on"]["blackswan_1"]["J"]) == 8
+
+
+@pytest.mark.parametrize("h,w,r", [(1, 1, 1), (1, 70, 3), (70, 1, 3), (31, 64, 8), (33, 65, 8), (40, 130, 0),
+                                   (50, 200, 8), (20, 90, 70)])
+def test_pair_counts_bits_equal_pair_counts_and_dilation(h, w, r):
+    """The bit-row numpy counter (the default of diagonal_counts_labels) against the sorted-key one and the
+    official-style full dilation: random blobs, masks touching the border, empty masks, the whole frame."""
+    rng = np.random.default_rng(h * 7 + w + r)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for trial in range(12):
+        masks = []
+        for _ in range(2):
+            cy, cx, rad = rng.integers(-3, h + 3), rng.integers(-3, w + 3), rng.integers(1, max(2, max(h, w) // 2))
+            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= rad * rad
+            m ^= rng.random((h, w)) < (0.02 if trial % 3 else 0.3)  # speckles, some trials very noisy
+            masks.append(m)
+        if trial == 0:
+            masks[0][:] = True  # the whole frame: no boundary
+        if trial == 1:
+            masks[1][:] = False  # an empty mask
+        p, g = masks
+        got = M.pair_counts_bits(p, g, r)
+        assert got == M.pair_counts(p, g, r)
+        pb, gb = R._seg2bmap(p), R._seg2bmap(g)
+        disk = R._disk(r)
+        assert got[2:] == (int((pb & R.dilate(gb, disk)).sum()), int((gb & R.dilate(pb, disk)).sum()),
+                           int(pb.sum()), int(gb.sum()))

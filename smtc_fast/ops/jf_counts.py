@@ -11,8 +11,9 @@ design/evaluation_protocols.md §1.2-§1.3): boundaries are the official seg2bma
 prediction boundary pixels within the disk of radius r (dx^2 + dy^2 <= r^2, skimage's disk under cv2.dilate) of a
 GT boundary pixel, gt_match the converse. Exact integers, so J and F equal the official code's to the last bit.
 
-The reference is the numpy scorer, `smtc_fast.evaluate.metrics.diagonal_counts_labels` frame by frame (per-object
-bounding boxes, seg2bmap, sorted-key searches), itself tested against the official-style full dilations of
+The reference is the numpy scorer `smtc_fast.evaluate.metrics.diagonal_counts_labels` frame by frame with its
+sorted-key counter pair_counts (per-object bounding boxes, seg2bmap, a search per boundary pixel and disk row; a
+different algorithm from the kernel's), itself tested against the official-style full dilations of
 metrics_reference.py. The CPU kernel (csrc/jf_counts/) works on bit-packed rows: 64 pixels per integer operation
 for the boundaries, the disk dilation (one-pixel shift steps) and the popcounts; on the DAVIS fixtures it takes
 0.1-0.2 ms per object and 480p frame on one thread, 7-10x the numpy path.
@@ -49,7 +50,8 @@ def has_kernel():
 
 
 def jf_counts_reference(pred, gt, n_objects, radius):
-    """The numpy scorer frame by frame (metrics.diagonal_counts_labels), as a (T, n_objects, 6) int64 tensor."""
+    """The numpy scorer frame by frame (metrics.diagonal_counts_labels with pair_counts), as a (T, n_objects, 6)
+    int64 tensor."""
     from smtc_fast.evaluate import metrics  # the evaluator's numpy code is the specification
 
     _check(pred, gt, n_objects, radius)
@@ -58,7 +60,7 @@ def jf_counts_reference(pred, gt, n_objects, radius):
     n = int(n_objects)
     out = np.zeros((p.shape[0], n, 6), dtype=np.int64)
     for t in range(p.shape[0]):
-        c = metrics.diagonal_counts_labels(p[t], g[t], n, int(radius))
+        c = metrics.diagonal_counts_labels(p[t], g[t], n, int(radius), pair=metrics.pair_counts)
         out[t] = np.stack([c[k] for k in ("inter", "union", "fg_match", "gt_match", "n_fg", "n_gt")], axis=1)
     return torch.from_numpy(out).to(pred.device)
 
