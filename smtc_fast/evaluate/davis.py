@@ -24,8 +24,9 @@ from smtc_fast.evaluate import io as eio
 from smtc_fast.evaluate import metrics
 
 # --kernel auto: the compiled semi-supervised scorer from this many scored frames on. Loading it means `import torch`
-# (~1 s on the CI machine); the numpy scorer takes ~1 ms per object and frame, the kernel ~0.1 ms (bench_eval.py).
-KERNEL_MIN_FRAMES = 1000
+# (1.0-1.4 s a process on the CI machine); per object and 480p frame the numpy scorer takes 0.5-0.7 ms, the kernel
+# 0.1-0.2 ms (bench_eval.py), so with DAVIS-2017's ~2 objects a frame the import pays from ~1500 frames.
+KERNEL_MIN_FRAMES = 1500
 
 
 def add_arguments(parser):
@@ -61,7 +62,7 @@ def add_arguments(parser):
     parser.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
                         help="semi-supervised: score with the compiled jf_counts kernel (on), the numpy scorer "
                              "(off), or the kernel from %d frames on (auto: `import torch` costs ~1 s, the numpy "
-                             "scorer ~1 ms per object and frame); identical numbers" % KERNEL_MIN_FRAMES)
+                             "scorer ~0.6 ms per object and frame); identical numbers" % KERNEL_MIN_FRAMES)
 
 
 def sequence_list(davis_root, task, subset, binary=False):
