@@ -149,13 +149,13 @@ def _ours_semi(gt_paths, pred_paths, binary, workers, kernel=None):
     from smtc_fast.evaluate import metrics as M
 
     first = eio.read_label(gt_paths[0])
-    first = (first > 0).view(np.uint8) if binary else first  # 0/1 without a copy, as davis.score_sequence
+    first = eio.binarize_(first) if binary else first  # 0/1 in place, as davis.score_sequence
     n = int(np.where(first == 255, 0, first).max())
     gt = eio.read_label_stack(gt_paths[1:-1], workers=workers)
     pred = eio.read_label_stack(pred_paths[1:-1], workers=workers)
-    gt = (gt > 0).view(np.uint8) if binary else gt
+    gt = eio.binarize_(gt) if binary else gt
     if binary:
-        pred = (pred > 0).view(np.uint8)
+        pred = eio.binarize_(pred)
     else:
         pred[pred > n] = 0  # the same ids dropped as in the official-style column, in place
     return M.evaluate_sequence(gt, pred, "semi-supervised", n_objects=n, workers=workers, kernel=kernel)

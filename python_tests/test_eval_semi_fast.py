@@ -280,3 +280,11 @@ def test_pair_counts_bits_equal_pair_counts_and_dilation(h, w, r):
         disk = R._disk(r)
         assert got[2:] == (int((pb & R.dilate(gb, disk)).sum()), int((gb & R.dilate(pb, disk)).sum()),
                            int(pb.sum()), int(gb.sum()))
+
+
+def test_binarize_in_place_and_copy():
+    a = np.array([[0, 1, 2], [255, 0, 7]], dtype=np.uint8)
+    b = eio.binarize_(a)
+    assert b is a and b.dtype == np.uint8 and b.tolist() == [[0, 1, 1], [1, 0, 1]]
+    c = np.array([0, 5, 300], dtype=np.int32)
+    assert eio.binarize_(c).tolist() == [0, 1, 1] and c.tolist() == [0, 5, 300]  # other dtypes: a new array

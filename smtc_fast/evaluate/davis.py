@@ -99,13 +99,13 @@ def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_pr
     else:  # every frame, the first one decoded once
         gt = np.concatenate([first[None], eio.read_label_stack(gt_paths[1:], shape=first.shape, workers=workers)])
     if binary:
-        first = (first > 0).view(np.uint8)
-        gt = (gt > 0).view(np.uint8)  # 0/1 without a copy
+        first = eio.binarize_(first)
+        gt = eio.binarize_(gt)  # 0/1 in place
     n_objects = int(np.where(first == 255, 0, first).max())  # §1.1: max id of the FIRST annotation
     pred_paths = [os.path.join(results_dir, seq, f"{i}.png") for i in ids]
     pred = eio.read_label_stack(pred_paths, shape=gt.shape[1:], workers=workers)
     if binary:
-        pred = (pred > 0).view(np.uint8)
+        pred = eio.binarize_(pred)
     try:
         J, F = metrics.evaluate_sequence(gt, pred, task, matching, max_proposals, n_objects=n_objects,
                                          workers=workers, kernel=kernel)
