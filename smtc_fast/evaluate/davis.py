@@ -214,6 +214,12 @@ def run(args):
     overlays = os.path.join(args.results, "overlays") if args.overlays is None else args.overlays
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.kernel == "on" and args.task == "semi-supervised":
+        try:
+            metrics.jf_kernel(True)  # say now, not after decoding the first sequence, when it cannot load
+        except RuntimeError as e:
+            print(f"smtc eval-masks: error: --kernel on: {e}", file=sys.stderr)
+            return 2
     try:
         summary = evaluate_davis(args.davis_root, args.results, args.task, args.matching, args.set,
                                  args.sequences, args.max_proposals, args.binary, args.resolution, overlays,
