@@ -1,7 +1,7 @@
 """Evaluator benchmarks: our vectorised DAVIS J&F vs the official-style loops, and propagation memory.
 
     python bench/bench_eval.py --json bench_out/bench_eval.json            # judo + dogs-jump, ~5-10 min on 2 cores
-    python bench/bench_eval.py --skip-metrics --skip-propagation           # semi-supervised + start-up, ~1-2 min
+    python bench/bench_eval.py --skip-metrics --skip-propagation           # semi-supervised + start-up, ~30 s
     python bench/bench_eval.py --quick --json bench_out/bench_eval.json    # judo only
 
 1. J&F, unsupervised protocol (20 proposals, official matching) on the real fixtures of python_tests/data
@@ -15,9 +15,24 @@
    official-style = sequential PIL decoding + metrics_reference (two seg2bmaps and two cv2.dilate per object and
    frame, the official evaluator's calls); previous = our code before issue 16 (sequential decoding, the
    all-pairs label-map path of the unsupervised protocol, diagonal kept); ours = smtc eval-masks now (threaded
-   decoding, the sparse diagonal kernel). All three must give identical J and F. Then the whole command,
-   `python -m smtc_fast.cli eval-masks` against a fresh interpreter running the official-style pipeline, and
-   `smtc --help` / `smtc <cmd> --help` start-up times.
+   decoding straight into the stack, zlib alone for unfiltered indexed PNGs, io.py; the compiled jf_counts op,
+   csrc/jf_counts/, since torch is loaded in this process: metrics.diagonal_jf_labels' kernel=None). All three
+   must give identical J and F. Then the whole command, `python -m smtc_fast.cli eval-masks` (two processes: the
+   single-object pair with --binary, the multi-object pair without) against one fresh interpreter running the
+   official-style pipeline on all four: ours with --kernel auto (the numpy scorer for a job this small: `import
+   torch` costs ~1 s a process, davis.KERNEL_MIN_FRAMES) and ours with --kernel on; and `smtc --help` /
+   `smtc <cmd> --help` start-up times.
+   Measured (2 vCPUs shared with another job, 2026-11-29; each line one run, side by side with the commit before
+   issue 16 part 3 (53f0cad, its own bench run next to ours; --previous-root for the whole command), totals over
+   the four cases, official-style / ours):
+     other core busy (load ~2): before 1.74 / 0.77 s (2.3x; per case 1.4x, 1.8x, 1.8x, 3.4x), whole processes
+       2.32 / 1.17 s (2.0x); after 1.72 / 0.28 s (6.1x; per case 3.4x, 3.7x, 6.1x, 10.2x), whole processes
+       2.26 / 0.83 s (2.7x; 53f0cad 1.16 s; --kernel on 3.24 s);
+     other core idle (load ~1): before 1.77 / 0.56 s (3.2x), whole 2.18 / 0.87 s (2.5x); after 1.76-1.78 /
+       0.19-0.20 s (9.0-9.2x), whole 2.42 / 0.76-0.78 s (3.1-3.2x; 53f0cad 0.89-0.91 s).
+   Ours is now mostly PNG decoding (the DAVIS-2016 grey masks are stored with PNG filters and go through PIL,
+   ~0.75 ms each: the single-object cases stay at 3.4-5x) and, as whole processes, interpreter + numpy start-up
+   (~0.15 s each, two processes here) and the numpy scorer (0.5-0.7 ms per object-frame).
 3. Peak RSS of label propagation (one fresh subprocess per length, VmHWM): a synthetic video of T frames on the
    stride-16 DAVIS grid (30 x 53), 384-d features made on the fly, SMTC settings; the peak for a short and a long
    video shows whether memory grows with the video length.
@@ -133,18 +148,21 @@ def _previous_semi(gt_paths, pred_paths, binary):
     return J[d, d], F[d, d]
 
 
-def _ours_semi(gt_paths, pred_paths, binary, workers):
+def _ours_semi(gt_paths, pred_paths, binary, workers, kernel=None):
     from smtc_fast.evaluate import io as eio
     from smtc_fast.evaluate import metrics as M
 
     first = eio.read_label(gt_paths[0])
-    first = (first > 0).astype(np.uint8) if binary else first
+    first = eio.binarize_(first) if binary else first  # 0/1 in place, as davis.score_sequence
     n = int(np.where(first == 255, 0, first).max())
     gt = eio.read_label_stack(gt_paths[1:-1], workers=workers)
     pred = eio.read_label_stack(pred_paths[1:-1], workers=workers)
-    gt = (gt > 0).astype(np.uint8) if binary else gt
-    pred = (pred > 0).astype(np.uint8) if binary else np.where(pred <= n, pred, 0).astype(np.uint8)
-    return M.evaluate_sequence(gt, pred, "semi-supervised", n_objects=n, workers=workers)
+    gt = eio.binarize_(gt) if binary else gt
+    if binary:
+        pred = eio.binarize_(pred)
+    else:
+        pred[pred > n] = 0  # the same ids dropped as in the official-style column, in place
+    return M.evaluate_sequence(gt, pred, "semi-supervised", n_objects=n, workers=workers, kernel=kernel)
 
 
 def bench_semisupervised(workers, use_cv2):
@@ -251,6 +269,9 @@ def bench_cli(workers, use_cv2, previous_root=None):
         for tag, root in roots.items():  # the previous tree takes the same flags minus --workers
             cmds = [c if tag == "ours" else c[:c.index("--workers")] + c[c.index("--workers") + 2:] for c in runs]
             out[f"{tag}_process_s"] = min(sum(timed(c, root) for c in cmds) for _ in range(2))
+        # the compiled scorer forced on: what `import torch` (~1 s a process) costs a job this small; --kernel auto
+        # (the "ours" row) takes it from davis.KERNEL_MIN_FRAMES scored frames on
+        out["ours_kernel_on_process_s"] = min(sum(timed(c + ["--kernel", "on"]) for c in runs) for _ in range(2))
         line = ", ".join(f"{k[:-10]} {v:.2f} s" for k, v in out.items())
         ratio = out["official_style_process_s"] / out["ours_process_s"]
         print(f"semi, whole processes (4 sequences): {line}; ours x{ratio:.1f} vs official-style", flush=True)

@@ -42,9 +42,20 @@ void define_schemas(torch::Library& m) {
         "Tensor ctx_labels, int[] grid, int topk, float radius, float temperature) -> Tensor");
 }
 
+// CPU-only operators: no CUDA kernel, so no twin in the CUDA execution tier's namespace.
+void define_cpu_only_schemas(torch::Library& m) {
+  // DAVIS semi-supervised J and F counts of the pairs (k, k) (csrc/jf_counts/jf_counts.h; the evaluator's scorer):
+  // pred, gt (T, H, W) uint8/int32/int64 label maps, objects 1..n_objects, radius in pixels -> (T, n_objects, 6)
+  // int64 = inter, union, fg_match, gt_match, n_fg, n_gt.
+  m.def("jf_counts(Tensor pred, Tensor gt, int n_objects, int radius) -> Tensor");
+}
+
 }  // namespace
 
-TORCH_LIBRARY(smtc_fast, m) { define_schemas(m); }
+TORCH_LIBRARY(smtc_fast, m) {
+  define_schemas(m);
+  define_cpu_only_schemas(m);
+}
 
 #if defined(SMTC_WITH_CUDA_EMU)
 TORCH_LIBRARY(smtc_fast_cuda_emu, m) { define_schemas(m); }

@@ -91,13 +91,14 @@ def test_multi_object_semisupervised_equals_reference(seq):
     np.testing.assert_array_equal(F, F3)
 
 
-def test_pinned_semisupervised_with_threads():
+@pytest.mark.parametrize("kernel", [False, None])  # the numpy scorer; the compiled one where it is built
+def test_pinned_semisupervised_with_threads(kernel):
     per_object = {}
     for seq in ("blackswan", "car-shadow"):
         gt = (_labels(os.path.join(DATA, "davis2016/Annotations/480p", seq)) > 0).astype(np.uint8)
         pred = (_labels(os.path.join(PRED, "osvos_semi", seq)) > 0).astype(np.uint8)
         per_object[f"{seq}_1"] = tuple(v[0] for v in M.evaluate_sequence(gt[1:-1], pred[1:-1], "semi-supervised",
-                                                                          n_objects=1, workers=4))
+                                                                          n_objects=1, workers=4, kernel=kernel))
     glob_, rows = M.summarize(per_object)
     assert abs(rows["blackswan_1"]["J-Mean"] - 0.94302) < 5e-6 and abs(rows["blackswan_1"]["F-Mean"] - 0.97410) < 5e-6
     assert abs(rows["car-shadow_1"]["J-Mean"] - 0.92840) < 5e-6 and abs(rows["car-shadow_1"]["F-Mean"] - 0.91741) < 5e-6
@@ -112,6 +113,83 @@ def test_read_label_stack_threads_same_and_errors_name_file(tmp_path):
     missing = files[:3] + [str(tmp_path / "00003.png")] + files[4:]
     with pytest.raises(eio.DataError, match="00003.png"):
         eio.read_label_stack(missing, workers=4)
+
+
+def _png(path, rows, colour=3, filters=None, extra=b"", crc_ok=True):
+    """A hand-made 8-bit PNG (colour type 3 = indexed, 0 = grey) of the uint8 (H, W) `rows`, each row stored with
+    filter type filters[y] (0 None or 1 Sub; default all 0), ancillary chunk bytes `extra` before the data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data, ok=True):
+        crc = zlib.crc32(kind + data) ^ (0 if ok else 1)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    h, w = rows.shape
+    filters = [0] * h if filters is None else filters
+    raw = b""
+    for y in range(h):
+        line = rows[y].astype(np.int64)
+        if filters[y] == 1:  # Sub: each byte minus its left neighbour, mod 256
+            line = (line - np.concatenate([[0], line[:-1]])) % 256
+        raw += bytes([filters[y]]) + line.astype(np.uint8).tobytes()
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+    if colour == 3:
+        body += chunk(b"PLTE", bytes(range(256)) * 3)
+    body += extra + chunk(b"IDAT", zlib.compress(raw), crc_ok) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return str(path)
+
+
+def test_read_label_fast_path_equals_pil(tmp_path):
+    """Unfiltered indexed PNGs are inflated by zlib alone (io._decode_unfiltered_indexed_png); every other PNG goes
+    through PIL. Both give what the official `np.array(Image.open(path))` gives, and reading stays writable."""
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 5, (23, 70)).astype(np.uint8)
+    lab[3:9, 10:30] = 255
+    cases = {
+        "pil_indexed": None,  # PIL writes indexed PNGs unfiltered: the fast path
+        "hand_indexed": _png(tmp_path / "a.png", lab),
+        "with_trns": _png(tmp_path / "b.png", lab, extra=b"\x00\x00\x00\x01tRNS\x00\x40\xe6\xd8\x66"),
+        "sub_filtered": _png(tmp_path / "c.png", lab, filters=[1 if y % 3 == 0 else 0 for y in range(23)]),
+        "grey": _png(tmp_path / "d.png", lab, colour=0),
+    }
+    cases["pil_indexed"] = str(tmp_path / "e.png")
+    eio.write_indexed_png(cases["pil_indexed"], lab)
+    fast = {}
+    for name, path in cases.items():
+        want = np.array(Image.open(path))
+        got = eio.read_label(path)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, lab)
+        assert got.dtype == np.uint8 and got.flags.writeable and got.flags.c_contiguous, name
+        fast[name] = eio._decode_unfiltered_indexed_png(open(path, "rb").read(), path) is not None
+    assert fast == {"pil_indexed": True, "hand_indexed": True, "with_trns": True, "sub_filtered": False,
+                    "grey": False}
+    stack = eio.read_label_stack(list(cases.values()) * 2, workers=3)
+    assert stack.shape == (10, 23, 70) and (stack == lab).all()
+    # a bad CRC or a truncated file is an error that names the file, as PIL's would be
+    bad = _png(tmp_path / "bad.png", lab, crc_ok=False)
+    with pytest.raises(eio.DataError, match="bad.png"):
+        eio.read_label(bad)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(open(cases["hand_indexed"], "rb").read()[:60])
+    with pytest.raises(eio.DataError, match="cut.png"):
+        eio.read_label(str(cut))
+
+
+def test_read_label_stack_shape_and_dtype_mixes(tmp_path):
+    small = tmp_path / "small.png"
+    eio.write_indexed_png(str(small), np.ones((5, 6), np.uint8))
+    big = tmp_path / "big.png"
+    eio.write_indexed_png(str(big), np.ones((5, 7), np.uint8))
+    with pytest.raises(eio.DataError, match="big.png"):
+        eio.read_label_stack([str(small), str(small), str(big)], workers=2)
+    wide = tmp_path / "wide.png"  # a 16-bit PNG among 8-bit ones: promoted, as np.stack would
+    Image.fromarray(np.full((5, 6), 300, np.uint16)).save(wide)
+    out = eio.read_label_stack([str(small), str(wide), str(small)])
+    assert out.dtype.itemsize >= 2 and out[:, 0, 0].tolist() == [1, 300, 1]
+    assert eio.read_label_stack([], shape=(5, 6)).shape == (0, 5, 6)
 
 
 def _unsup_root(tmp_path):
@@ -150,3 +228,63 @@ def test_eval_masks_csv_names_carry_the_task(tmp_path, capsys):
     assert os.path.isfile(out_dir / "eval_masks-unsupervised-val.json")
     assert main(base[:-2] + ["--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_eval_masks_kernel_on_off_same_numbers(tmp_path):
+    """--kernel on (the compiled scorer) and off (numpy) write the same per-frame J and F."""
+    import json
+
+    from smtc_fast.ops.jf_counts import has_kernel
+
+    if not has_kernel():
+        pytest.skip("smtc_fast._C not built")
+    root, res = tmp_path / "DAVIS", tmp_path / "res"
+    (root / "Annotations/480p/blackswan").mkdir(parents=True)
+    (res / "blackswan").mkdir(parents=True)
+    for f in sorted(glob.glob(os.path.join(DATA, "davis2016/Annotations/480p/blackswan/*.png")))[:10]:
+        shutil.copy(f, root / "Annotations/480p/blackswan")
+        shutil.copy(os.path.join(PRED, "osvos_semi", "blackswan", os.path.basename(f)), res / "blackswan")
+    (root / "ImageSets/2016").mkdir(parents=True)
+    (root / "ImageSets/2016/val.txt").write_text("blackswan\n")
+    frames = {}
+    for kernel in ("on", "off"):
+        out = tmp_path / kernel
+        assert main(["eval-masks", "--davis-root", str(root), "--results", str(res), "--task", "semi-supervised",
+                     "--binary", "--overlays", "", "--out", str(out), "--kernel", kernel]) == 0
+        frames[kernel] = json.loads((out / "eval_masks-semi-supervised-val.json").read_text())["per_frame"]
+    assert frames["on"] == frames["off"] and len(frames["on"]["blackswan_1"]["J"]) == 8
+
+
+@pytest.mark.parametrize("h,w,r", [(1, 1, 1), (1, 70, 3), (70, 1, 3), (31, 64, 8), (33, 65, 8), (40, 130, 0),
+                                   (50, 200, 8), (20, 90, 70)])
+def test_pair_counts_bits_equal_pair_counts_and_dilation(h, w, r):
+    """The bit-row numpy counter (the default of diagonal_counts_labels) against the sorted-key one and the
+    official-style full dilation: random blobs, masks touching the border, empty masks, the whole frame."""
+    rng = np.random.default_rng(h * 7 + w + r)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for trial in range(12):
+        masks = []
+        for _ in range(2):
+            cy, cx, rad = rng.integers(-3, h + 3), rng.integers(-3, w + 3), rng.integers(1, max(2, max(h, w) // 2))
+            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= rad * rad
+            m ^= rng.random((h, w)) < (0.02 if trial % 3 else 0.3)  # speckles, some trials very noisy
+            masks.append(m)
+        if trial == 0:
+            masks[0][:] = True  # the whole frame: no boundary
+        if trial == 1:
+            masks[1][:] = False  # an empty mask
+        p, g = masks
+        got = M.pair_counts_bits(p, g, r)
+        assert got == M.pair_counts(p, g, r)
+        pb, gb = R._seg2bmap(p), R._seg2bmap(g)
+        disk = R._disk(r)
+        assert got[2:] == (int((pb & R.dilate(gb, disk)).sum()), int((gb & R.dilate(pb, disk)).sum()),
+                           int(pb.sum()), int(gb.sum()))
+
+
+def test_binarize_in_place_and_copy():
+    a = np.array([[0, 1, 2], [255, 0, 7]], dtype=np.uint8)
+    b = eio.binarize_(a)
+    assert b is a and b.dtype == np.uint8 and b.tolist() == [[0, 1, 1], [1, 0, 1]]
+    c = np.array([0, 5, 300], dtype=np.int32)
+    assert eio.binarize_(c).tolist() == [0, 1, 1] and c.tolist() == [0, 5, 300]  # other dtypes: a new array

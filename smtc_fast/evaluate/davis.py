@@ -23,6 +23,11 @@ import numpy as np
 from smtc_fast.evaluate import io as eio
 from smtc_fast.evaluate import metrics
 
+# --kernel auto: the compiled semi-supervised scorer from this many scored frames on. Loading it means `import torch`
+# (1.0-1.4 s a process on the CI machine); per object and 480p frame the numpy scorer takes 0.5-0.7 ms, the kernel
+# 0.1-0.2 ms (bench_eval.py), so with DAVIS-2017's ~2 objects a frame the import pays from ~1500 frames.
+KERNEL_MIN_FRAMES = 1500
+
 
 def add_arguments(parser):
     parser.add_argument("--davis-root", required=True,
@@ -54,6 +59,10 @@ def add_arguments(parser):
                         help="folder for the CSVs and the JSON (unset: <results>, as the official tool)")
     parser.add_argument("--workers", type=int, default=metrics.default_workers(),
                         help="threads that decode PNGs and score frames (the numbers do not depend on it)")
+    parser.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
+                        help="semi-supervised: score with the compiled jf_counts kernel (on), the numpy scorer "
+                             "(off), or the kernel from %d frames on (auto: `import torch` costs ~1 s, the numpy "
+                             "scorer ~0.6 ms per object and frame); identical numbers" % KERNEL_MIN_FRAMES)
 
 
 def sequence_list(davis_root, task, subset, binary=False):
@@ -78,9 +87,10 @@ def annotation_dir(davis_root, task, resolution="480p"):
 
 
 def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_proposals=None, binary=False,
-                   workers=1):
+                   workers=1, kernel=None):
     """Read one sequence's GT and predictions and score it. Returns (J (K, T), F (K, T), frame ids, gt, pred).
-    workers: threads for decoding and scoring (metrics.default_workers() for all cores, up to 8)."""
+    workers: threads for decoding and scoring (metrics.default_workers() for all cores, up to 8); kernel: the
+    semi-supervised scorer (metrics.diagonal_jf_labels: None = the compiled one when torch is loaded)."""
     ids = [os.path.splitext(os.path.basename(p))[0] for p in gt_paths]
     first = eio.read_label(gt_paths[0])
     if task == "semi-supervised":  # §1.5: first and last frame are not scored (and not read)
@@ -89,16 +99,16 @@ def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_pr
     else:  # every frame, the first one decoded once
         gt = np.concatenate([first[None], eio.read_label_stack(gt_paths[1:], shape=first.shape, workers=workers)])
     if binary:
-        first = (first > 0).view(np.uint8)
-        gt = (gt > 0).view(np.uint8)  # 0/1 without a copy
+        first = eio.binarize_(first)
+        gt = eio.binarize_(gt)  # 0/1 in place
     n_objects = int(np.where(first == 255, 0, first).max())  # §1.1: max id of the FIRST annotation
     pred_paths = [os.path.join(results_dir, seq, f"{i}.png") for i in ids]
     pred = eio.read_label_stack(pred_paths, shape=gt.shape[1:], workers=workers)
     if binary:
-        pred = (pred > 0).view(np.uint8)
+        pred = eio.binarize_(pred)
     try:
         J, F = metrics.evaluate_sequence(gt, pred, task, matching, max_proposals, n_objects=n_objects,
-                                         workers=workers)
+                                         workers=workers, kernel=kernel)
     except metrics.TooManyObjectsError as e:
         raise metrics.TooManyObjectsError(f"{os.path.join(results_dir, seq)}: {e}") from None
     return J, F, ids, gt, pred
@@ -106,18 +116,20 @@ def score_sequence(gt_paths, results_dir, seq, task, matching="official", max_pr
 
 def evaluate_davis(davis_root, results_dir, task, matching="official", subset="val", sequences=None,
                    max_proposals=None, binary=False, resolution="480p", overlays_dir=None, progress=True,
-                   workers=1):
-    """Score a results folder; returns the summary dict (also what --json writes)."""
+                   workers=1, kernel="auto"):
+    """Score a results folder; returns the summary dict (also what --json writes).
+    kernel: the semi-supervised scorer, "on" / "off" / "auto" (the compiled one from KERNEL_MIN_FRAMES frames)."""
     from tqdm import tqdm
 
     ann_root = annotation_dir(davis_root, task, resolution)
     seqs = sequences if sequences else sequence_list(davis_root, task, subset, binary)
+    all_gt_paths = {seq: eio.list_frames(os.path.join(ann_root, seq), exts=(".png",)) for seq in seqs}
+    use_kernel = _scorer_choice(kernel, task, sum(max(len(p) - 2, 0) for p in all_gt_paths.values()))
     per_object = {}
     per_frame = {}
     for seq in tqdm(seqs, desc="sequences", disable=not progress):
-        gt_paths = eio.list_frames(os.path.join(ann_root, seq), exts=(".png",))
-        J, F, ids, gt, pred = score_sequence(gt_paths, results_dir, seq, task, matching, max_proposals, binary,
-                                             workers)
+        J, F, ids, gt, pred = score_sequence(all_gt_paths[seq], results_dir, seq, task, matching, max_proposals,
+                                             binary, workers, use_kernel)
         for k in range(J.shape[0]):  # official keys seq_1..seq_K (for unsupervised: in proposal order, §1.6)
             per_object[f"{seq}_{k + 1}"] = (J[k], F[k])
             per_frame[f"{seq}_{k + 1}"] = {"frames": ids, "J": J[k].tolist(), "F": F[k].tolist()}
@@ -129,6 +141,24 @@ def evaluate_davis(davis_root, results_dir, task, matching="official", subset="v
             "set": subset, "davis_root": os.path.abspath(davis_root), "results": os.path.abspath(results_dir),
             "n_sequences": len(seqs), "n_objects": len(rows), "global": glob, "per_object": rows,
             "per_frame": per_frame}
+
+
+def _scorer_choice(kernel, task, n_frames):
+    """metrics.evaluate_sequence's `kernel` for --kernel on/off/auto (auto: the kernel when it is built and torch
+    is loaded already (eval-prop) or n_frames >= KERNEL_MIN_FRAMES repays loading it; else the numpy scorer)."""
+    if kernel not in ("auto", "on", "off"):
+        raise ValueError(f"kernel must be 'auto', 'on' or 'off', got {kernel!r}")
+    if kernel == "off" or task != "semi-supervised":
+        return False
+    if kernel == "on":
+        return True
+    if "torch" not in sys.modules and n_frames < KERNEL_MIN_FRAMES:
+        return False
+    try:
+        import torch  # noqa: F401  (what metrics.jf_kernel's "auto" looks for)
+    except ImportError:
+        return False
+    return None
 
 
 def _overlay(davis_root, resolution, seq, ids, gt, pred, out_dir):
@@ -184,10 +214,16 @@ def run(args):
     overlays = os.path.join(args.results, "overlays") if args.overlays is None else args.overlays
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.kernel == "on" and args.task == "semi-supervised":
+        try:
+            metrics.jf_kernel(True)  # say now, not after decoding the first sequence, when it cannot load
+        except RuntimeError as e:
+            print(f"smtc eval-masks: error: --kernel on: {e}", file=sys.stderr)
+            return 2
     try:
         summary = evaluate_davis(args.davis_root, args.results, args.task, args.matching, args.set,
                                  args.sequences, args.max_proposals, args.binary, args.resolution, overlays,
-                                 workers=args.workers)
+                                 workers=args.workers, kernel=args.kernel)
     except (eio.DataError, metrics.TooManyObjectsError) as e:
         print(f"smtc eval-masks: error: {e}", file=sys.stderr)
         return 2

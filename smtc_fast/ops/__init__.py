@@ -18,3 +18,6 @@ __all__ += ["propagate_labels", "propagate_labels_reference"]
 from smtc_fast.ops.transport_loss import transport_loss, transport_loss_reference  # noqa: E402
 
 __all__ += ["transport_loss", "transport_loss_reference"]
+from smtc_fast.ops.jf_counts import jf_counts, jf_counts_reference  # noqa: E402
+
+__all__ += ["jf_counts", "jf_counts_reference"]
