@@ -11,6 +11,7 @@ import torch
 
 # Public operators (csrc/ops.cpp); each also has a private `_<name>_backward` where differentiable.
 OPS = ("correlation", "slot_aggregate", "sinkhorn", "propagate_labels", "transport_loss")
+CPU_ONLY_OPS = ("jf_counts",)  # the DAVIS scorer's counts (evaluate/metrics.py): no CUDA kernel, no tier twin
 
 _RECORD_PATH = os.path.join(os.path.dirname(__file__), "_build_record.json")
 
@@ -98,7 +99,7 @@ def build_info():
     info["cuda_kernels"] = bool(compiled["cuda"])
     info["cuda_archs"] = list(record.get("cuda_archs", [])) if compiled["cuda"] else []
     info["compiled_cuda_version"] = compiled.get("cuda_version") or None
-    info["ops"] = [n for n in OPS if hasattr(torch.ops.smtc_fast, n)]
+    info["ops"] = [n for n in OPS + CPU_ONLY_OPS if hasattr(torch.ops.smtc_fast, n)]
     info["cuda_emu"] = bool(compiled.get("cuda_emu", False))
     if not info["cuda_emu"]:
         info["why_no_cuda_emu"] = record.get("why_no_cuda_emu") or "the extension was built without the CUDA execution tier"
