@@ -84,6 +84,13 @@ def child_time(B, n, pass_, repeats, threads):
         torch.set_num_threads(threads)
     s, t, k, shape = make_inputs(B, n, pass_ == "fwdbwd")
     steps = {impl: make_step(impl, pass_, s, t, k) for impl in ("fused", "unfused")}
+    # The floor: the keys' dot products of every unordered frame pair, one float32 GEMM (MKL via torch.bmm), the
+    # work neither implementation can skip (T(T-1)/2 pairs x n x n x D multiply-adds; the rest is O(n^2) per pair)
+    T = k.shape[1]
+    pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
+    ki = k[:, [i for i, _ in pairs]].flatten(0, 1).contiguous()
+    kj = k[:, [j for _, j in pairs]].flatten(0, 1).transpose(1, 2).contiguous()
+    steps["gemm_floor"] = lambda: torch.bmm(ki, kj)
     for step in steps.values():
         step()  # warm-up
     times = {impl: [] for impl in steps}
@@ -96,7 +103,9 @@ def child_time(B, n, pass_, repeats, threads):
     return {"B": B, "n": n, "pass": pass_, "shape": shape, "threads": torch.get_num_threads(),
             "fused_median_ms": statistics.median(times["fused"]), "fused_min_ms": min(times["fused"]),
             "unfused_median_ms": statistics.median(times["unfused"]), "unfused_min_ms": min(times["unfused"]),
-            "ratio_median": statistics.median(ratios), "rounds": repeats}
+            "ratio_median": statistics.median(ratios), "rounds": repeats,
+            "gemm_floor_median_ms": statistics.median(times["gemm_floor"]),
+            "gemm_gflop": 2 * k.shape[0] * len(pairs) * k.shape[2] ** 2 * k.shape[3] / 1e9}
 
 
 def run_child(args_list):
@@ -155,6 +164,12 @@ def main():
         print(f"\nfused alone, B=32 n=1024 fwdbwd: peak {mf['peak_mb']:.1f} MB above the inputs "
               f"(the unfused path's tensors are 1.6 GB each at this shape)")
     print("ratio = median over rounds of unfused / fused step time, the two alternated in one process")
+    for rec in records:
+        if "gemm_floor_median_ms" in rec and rec["pass"] == "fwdbwd":
+            floor = rec["gemm_floor_median_ms"]
+            print(f"B={rec['B']} n={rec['n']}: the keys' dot products alone (one float32 bmm, {rec['gemm_gflop']:.1f} "
+                  f"GFLOP) take {floor:.1f} ms: fused = {rec['fused_median_ms'] / floor:.2f}x that floor; the unfused "
+                  f"path can be at most {rec['unfused_median_ms'] / floor:.1f}x slower than an op at the floor")
     if args.json:
         write_json(args.json, records, environment("cpu"))
 
