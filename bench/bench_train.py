@@ -9,6 +9,8 @@ teacher forward (no grad), L_sem + L_reg + L_obj, backward, AdamW, EMA. Each mod
 (SMTC_FAST_FORCE_REFERENCE=1 for the references), alternating, so both see the same machine state. Mode "bf16" is
 the kernels under the trainer's `--amp` autocast (smtc_fast.precision: bf16 where the CPU has AVX512-BF16 or AMX,
 else float32, which the table then says).
+Like the trainer on the CPU, every mode keeps freed memory mapped (smtc_fast/cpu_memory.py); --no-keep-cpu-memory
+measures with glibc's defaults, where the large tensors are page-faulted in again at every step.
 The head share is measured by running the same step with the backbone keys precomputed (no encoder forward or
 backward): head = that time, backbone = full step - head.
 """
@@ -57,6 +59,10 @@ def measure(args):
     from smtc_fast.train import ema_update, param_groups
 
     torch.set_num_threads(args.threads)
+    if args.keep_cpu_memory:  # as smtc train on the CPU (smtc_fast/cpu_memory.py); both modes alike
+        from smtc_fast.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     torch.manual_seed(0)
     H = W = args.resolution
     cfg = SMTCConfig(backbone=args.backbone, resolution=(H, W), num_slots=args.slots, num_instances=args.instances,
@@ -165,6 +171,9 @@ def main():
     parser.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--head-only", action="store_true",
                         help="time only the head step (backbone keys precomputed): the official batch in minutes")
+    parser.add_argument("--keep-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc keeps freed memory mapped, as `smtc train` does on the CPU (smtc_fast/"
+                             "cpu_memory.py); --no-keep-cpu-memory measures with glibc's defaults")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,6 +185,8 @@ def main():
                 "threads"):
         if getattr(args, key) is not None:
             passthrough += [f"--{key}", str(getattr(args, key))]
+    if not args.keep_cpu_memory:
+        passthrough.append("--no-keep-cpu-memory")
     if args.head_only:
         passthrough.append("--head-only")
     results = {mode: [] for mode in args.modes}

@@ -31,7 +31,8 @@ def tiny_model(**kw):
 
 def tiny_train(tmp, **kw):
     base = dict(output=str(tmp), steps=4, batch_size=2, lr=1e-3, grad_iter=2, workers=0, log_every=1,
-                save_every=1000, quiet=True, amp=False)  # parity tests stay float32 (bf16: test_cpu_bf16.py)
+                save_every=1000, quiet=True, amp=False,  # parity tests stay float32 (bf16: test_cpu_bf16.py)
+                keep_cpu_memory=False)  # a process-wide malloc setting: only the `smtc train` subprocesses set it
     base.update(kw)
     return TrainConfig(**base)
 
@@ -344,3 +345,35 @@ def test_compile_default_trains_like_eager(tmp_path):
     assert compiled["exit_code"] == 0 and os.path.exists(tmp_path / "compiled" / "last.pt")
     for k in ("loss", "sem", "reg", "obj"):
         assert compiled["last"][k] == pytest.approx(eager["last"][k], rel=1e-4, abs=1e-5), k
+
+
+KEEP_MEMORY_CHILD = r"""
+import resource, sys
+import torch
+from smtc_fast.cpu_memory import keep_freed_memory
+
+def faults_of_a_step():  # allocate, touch and free a 48 MB tensor: a (128, 256, 384) activation of the head
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = torch.ones(128, 256, 384)  # (numpy would madvise huge pages for it: 2 MB faults, not torch's 4 KB ones)
+    del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+faults = [faults_of_a_step() for _ in range(16)]
+print(applied, max(faults[-4:]))  # the steady state: glibc's aligned allocations settle after a few steps
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_cpu_memory_stops_the_per_step_page_faults():
+    """smtc_fast.cpu_memory (applied by `smtc train` on the CPU): after a few steps of allocating and freeing the
+    head's 48 MB activation, allocating it again faults no pages in, where glibc's default unmaps it on free and
+    faults all 12k pages in again at every step. Fresh processes: the setting is process-wide."""
+    runs = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_CHILD, mode], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=ROOT), check=True).stdout.split()
+        runs[mode] = (out[0] == "True", int(out[1]))
+    assert runs["keep"][0] and not runs["default"][0]
+    assert runs["default"][1] > 10000  # 48 MB / 4 KB = 12288 pages, faulted in again
+    assert runs["keep"][1] < 1000, runs

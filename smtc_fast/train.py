@@ -41,6 +41,7 @@ augment_clips, open_clips = lazy("smtc_fast.data", "augment_clips"), lazy("smtc_
 SMTC, load_dino = lazy("smtc_fast.models.smtc", "SMTC"), lazy("smtc_fast.models.smtc", "load_dino")
 load_backbone = lazy("smtc_fast.models.smtc", "load_backbone")
 precision = lazy("smtc_fast.precision")
+cpu_memory = lazy("smtc_fast.cpu_memory")
 
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
@@ -87,6 +88,7 @@ class TrainConfig:
     device: str = "auto"               # 'auto' | 'cpu' | 'cuda'
     amp: bool = True                   # bf16 autocast on CUDA and on CPUs with native bf16 (smtc_fast.precision)
     compile: str = "none"              # torch.compile the step's forward + losses: 'none' | 'default' | 'reduce-overhead'
+    keep_cpu_memory: bool = True       # CPU: glibc keeps freed blocks mapped (smtc_fast/cpu_memory.py)
     log_every: int = 10
     save_every: int = 500
     quiet: bool = False                # no progress bar / start banner
@@ -281,6 +283,9 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)  # restored on return (callers may be tests or notebooks)
+    # glibc keeps freed blocks mapped, so the step's large tensors are not page-faulted in again at every step
+    # (smtc_fast/cpu_memory.py; a process-wide setting, left in place after train() returns)
+    kept_memory = device.type == "cpu" and cfg.keep_cpu_memory and cpu_memory.keep_freed_memory()
 
     # ---- model, teacher, optimiser. Every rank builds the same initial weights (the teacher is copied before DDP
     # would broadcast rank 0's student), then the RNGs are seeded per rank as the official code does (spec §3.3).
@@ -367,7 +372,8 @@ def train(cfg: TrainConfig, model_cfg: Optional[SMTCConfig] = None):
                        "commit": git_commit()}, f, indent=1)
         if not cfg.quiet:
             print(f"smtc train  commit {git_commit()}  world {world}  device {device}  "
-                  f"precision {precision.describe(device, cfg.amp)}  start step {start_step}")
+                  f"precision {precision.describe(device, cfg.amp)}  start step {start_step}"
+                  + ("  freed memory kept mapped (--no-keep-cpu-memory)" if kept_memory else ""))
             print("train config:", json.dumps(dataclasses.asdict(cfg)))
             print("model config:", json.dumps(model_cfg.to_dict()))
         try:
@@ -543,6 +549,9 @@ _TRAIN_HELP = {
     "compile": "torch.compile the step's forward and losses as one graph (fullgraph): 'default' (inductor; the "
                "head step ~1.1x faster on a 2-core CPU after a ~1 min compile) or 'reduce-overhead' (inductor + CUDA "
                "graphs on a GPU, where the head's many small launches are launch-bound). Not run on a GPU yet",
+    "keep_cpu_memory": "on the CPU, glibc keeps freed memory mapped (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB) "
+                       "instead of page-faulting the step's large tensors in again at every step: the head step "
+                       "~13%% faster at the official shape on a 2-vCPU VM; the process keeps its peak RSS",
     "log_every": "steps between metrics.jsonl records",
     "save_every": "steps between checkpoints (also saved at the end and on SIGINT/SIGTERM)",
     "quiet": "no progress bar or start banner",
