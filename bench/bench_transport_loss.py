@@ -12,7 +12,9 @@ grows linearly in B (every large tensor has B*12 rows), the fused op's does not 
 "unfused" is transport_loss_reference = the path semantic_loss took before the op (correlation + sinkhorn ops,
 gathers, (B*12, n, n) temporaries); "fused" is smtc_fast.ops.transport_loss. Time: one subprocess per shape that
 alternates the two impls' steps (on a shared machine the noise then hits both alike; the ratio is the median
-of the per-round ratios). Memory: a fresh subprocess per impl, the peak RSS of one step above what was resident
+of the per-round ratios), with freed memory kept mapped as `smtc train` runs on the CPU (smtc_fast/cpu_memory.py;
+--no-keep-cpu-memory times with glibc's defaults, where the unfused path's 100 MB temporaries are page-faulted in
+again at every step, which more than doubled its time here). Memory: a fresh subprocess per impl, the peak RSS of one step above what was resident
 before it (bench_ops.py's measure: /proc/self/clear_refs, then VmHWM). Same inputs and threads for both.
 """
 import argparse
@@ -72,7 +74,7 @@ def child_memory(impl, B, n, pass_, threads):
             "peak_mb": round((peak_rss() - base) / 2**20, 1), "loss": value}
 
 
-def child_time(B, n, pass_, repeats, threads):
+def child_time(B, n, pass_, repeats, threads, keep_memory=True):
     """Both impls' steps alternated in this one process, so that the machine's noise hits both alike; returns
     each impl's median and min wall time and the median of the per-round ratios unfused / fused."""
     import torch
@@ -80,6 +82,10 @@ def child_time(B, n, pass_, repeats, threads):
     import smtc_fast
 
     assert smtc_fast.build_info()["extension"], "the fused rows need the built extension"
+    if keep_memory:  # as smtc train on the CPU: freed blocks stay mapped, no per-step page faults on either side
+        from smtc_fast.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     s, t, k, shape = make_inputs(B, n, pass_ == "fwdbwd")
@@ -112,7 +118,8 @@ def run_child(args_list):
     cmd = [sys.executable, os.path.abspath(__file__)] + args_list
     env = dict(os.environ)
     env.pop("SMTC_FAST_FORCE_REFERENCE", None)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")  # as bench_ops.py: each step's peak is its own
+    if "--_memory" in args_list:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")  # as bench_ops.py: each step's peak is its own
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not line:
@@ -127,18 +134,25 @@ def main():
     parser.add_argument("--repeats", type=int, default=7, help="alternating rounds of the timing")
     parser.add_argument("--clips-1024", type=int, default=8, help="clips for the unfused path at n = 1024")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--keep-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="time with freed memory kept mapped, as `smtc train` runs on the CPU (smtc_fast/"
+                             "cpu_memory.py); --no-keep-cpu-memory: glibc's defaults, where the unfused path's "
+                             "100 MB temporaries are page-faulted in at every step")
     parser.add_argument("--_time", nargs=3, metavar=("B", "N", "PASS"), help=argparse.SUPPRESS)
     parser.add_argument("--_memory", nargs=4, metavar=("IMPL", "B", "N", "PASS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._time:
         B, n, pass_ = args._time
-        print("RESULT " + json.dumps(child_time(int(B), int(n), pass_, args.repeats, args.threads)))
+        print("RESULT " + json.dumps(child_time(int(B), int(n), pass_, args.repeats, args.threads,
+                                                args.keep_cpu_memory)))
         return
     if args._memory:
         impl, B, n, pass_ = args._memory
         print("RESULT " + json.dumps(child_memory(impl, int(B), int(n), pass_, args.threads)))
         return
     common = ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if not args.keep_cpu_memory:
+        common.append("--no-keep-cpu-memory")
     shapes = [(32, 256), (args.clips_1024, 1024)]
     records = []
     print(f"{'B':>3s} {'n':>5s} {'pass':7s} | {'fused ms (median/min)':>22s} | {'unfused ms (median/min)':>24s} | "
