@@ -550,8 +550,9 @@ _TRAIN_HELP = {
                "head step ~1.1x faster on a 2-core CPU after a ~1 min compile) or 'reduce-overhead' (inductor + CUDA "
                "graphs on a GPU, where the head's many small launches are launch-bound). Not run on a GPU yet",
     "keep_cpu_memory": "on the CPU, glibc keeps freed memory mapped (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB) "
-                       "instead of page-faulting the step's large tensors in again at every step: the head step "
-                       "~13%% faster at the official shape on a 2-vCPU VM; the process keeps its peak RSS",
+                       "instead of page-faulting the step's large tensors in again at every step (a 2-vCPU VM: the "
+                       "float32 step at 8 clips 9.55 -> 7.11 s, the head step at 32 clips 1.35 -> 1.16 s); the "
+                       "process keeps its peak RSS",
     "log_every": "steps between metrics.jsonl records",
     "save_every": "steps between checkpoints (also saved at the end and on SIGINT/SIGTERM)",
     "quiet": "no progress bar or start banner",
