@@ -22,16 +22,9 @@
    official-style pipeline on all four: ours with --kernel auto (the numpy scorer for a job this small: `import
    torch` costs ~1 s a process, davis.KERNEL_MIN_FRAMES) and ours with --kernel on; and `smtc --help` /
    `smtc <cmd> --help` start-up times.
-   Measured (2 vCPUs shared with another job, 2026-11-29; each line one run, side by side with the commit before
-   issue 16 part 3 (53f0cad, its own bench run next to ours; --previous-root for the whole command), totals over
-   the four cases, official-style / ours):
-     other core busy (load ~2): before 1.74 / 0.77 s (2.3x; per case 1.4x, 1.8x, 1.8x, 3.4x), whole processes
-       2.32 / 1.17 s (2.0x); after 1.72 / 0.28 s (6.1x; per case 3.4x, 3.7x, 6.1x, 10.2x), whole processes
-       2.26 / 0.83 s (2.7x; 53f0cad 1.16 s; --kernel on 3.24 s);
-     other core idle (load ~1): before 1.77 / 0.56 s (3.2x), whole 2.18 / 0.87 s (2.5x); after 1.76-1.78 /
-       0.19-0.20 s (9.0-9.2x), whole 2.42 / 0.76-0.78 s (3.1-3.2x; 53f0cad 0.89-0.91 s).
+   Figures: the README's benchmark section (quiet machine: 10.5x in process, 3.4x as whole processes).
    Ours is now mostly PNG decoding (the DAVIS-2016 grey masks are stored with PNG filters and go through PIL,
-   ~0.75 ms each: the single-object cases stay at 3.4-5x) and, as whole processes, interpreter + numpy start-up
+   ~0.75 ms each: the single-object cases gain least) and, as whole processes, interpreter + numpy start-up
    (~0.15 s each, two processes here) and the numpy scorer (0.5-0.7 ms per object-frame).
 3. Peak RSS of label propagation (one fresh subprocess per length, VmHWM): a synthetic video of T frames on the
    stride-16 DAVIS grid (30 x 53), 384-d features made on the fly, SMTC settings; the peak for a short and a long

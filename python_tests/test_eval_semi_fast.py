@@ -234,10 +234,9 @@ def test_eval_masks_kernel_on_off_same_numbers(tmp_path):
     """--kernel on (the compiled scorer) and off (numpy) write the same per-frame J and F."""
     import json
 
-    from smtc_fast.ops.jf_counts import has_kernel
+    from smtc_fast.testing import require_kernel
 
-    if not has_kernel():
-        pytest.skip("smtc_fast._C not built")
+    require_kernel("cpu", ("jf_counts",))  # skips only where the extension was not built
     root, res = tmp_path / "DAVIS", tmp_path / "res"
     (root / "Annotations/480p/blackswan").mkdir(parents=True)
     (res / "blackswan").mkdir(parents=True)

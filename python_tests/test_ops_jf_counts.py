@@ -11,11 +11,17 @@ import torch
 from smtc_fast.evaluate import metrics as M
 from smtc_fast.evaluate import metrics_reference as R
 from smtc_fast.ops import jf_counts, jf_counts_reference
-from smtc_fast.ops.jf_counts import has_kernel
+from smtc_fast.testing import require_kernel
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 PRED = os.path.join(DATA, "davis2017_predictions")
-needs_kernel = pytest.mark.skipif(not has_kernel(), reason="smtc_fast._C not built (or SMTC_FAST_FORCE_REFERENCE)")
+needs_kernel = pytest.mark.usefixtures("jf_counts_kernel")
+
+
+@pytest.fixture
+def jf_counts_kernel():
+    """Skip where the extension was not built; fail where the build record says it was but the op is missing."""
+    require_kernel("cpu", ("jf_counts",))
 
 
 def _official_counts(pred, gt, n, r):

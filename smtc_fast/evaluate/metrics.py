@@ -159,17 +159,13 @@ def pair_counts(pred, gt, radius):
     """J and F counts of ONE (prediction, GT) pair of (H, W) bool masks: (inter, union, fg_match, gt_match, n_fg,
     n_gt) as in frame_pair_counts. Boundaries come from seg2bmap on the pair's bounding box grown by one pixel
     (the same pixels as on the full frame, see boundary_pixels) and the matches from near_counts."""
-    either = pred | gt
-    rows = np.flatnonzero(either.any(axis=1))
-    if rows.size == 0:
+    box = _pair_box(pred, gt)
+    if box is None:
         return 0, 0, 0, 0, 0, 0
-    h, w = either.shape
-    cols = np.flatnonzero(either[rows[0]:rows[-1] + 1].any(axis=0))
-    y0, y1 = max(rows[0] - 1, 0), min(rows[-1] + 2, h)
-    x0, x1 = max(cols[0] - 1, 0), min(cols[-1] + 2, w)
+    y0, y1, x0, x1 = box
     pred, gt = pred[y0:y1, x0:x1], gt[y0:y1, x0:x1]  # everything below on the box (crop coordinates)
     inter = int(np.count_nonzero(pred & gt))
-    union = int(np.count_nonzero(either[y0:y1, x0:x1]))
+    union = int(np.count_nonzero(pred | gt))
     py, px = np.nonzero(seg2bmap(pred))
     gy, gx = np.nonzero(seg2bmap(gt))
     fg_match = near_counts(py, px, gy, gx, radius)  # official sum(fg_b * gt_dil)
