@@ -51,8 +51,9 @@ def test_cpu_without_native_bf16_stays_float32(monkeypatch):
 
 @pytest.mark.skipif(not use_kernel(torch.zeros(1)), reason="needs the compiled CPU kernels")
 def test_ops_run_their_float32_kernels_under_cpu_autocast(monkeypatch):
-    """Inside torch.autocast('cpu'), bf16 inputs reach the float32 CPU kernels (not the bf16 reference), the
-    results are float32 and equal the kernel on the up-cast inputs, and gradients flow back to the bf16 inputs."""
+    """Inside torch.autocast('cpu'), bf16 inputs reach the CPU kernels (never the reference) and gradients flow
+    back to the bf16 inputs. slot_aggregate runs its float32 kernel on the up-cast inputs (float32 results);
+    correlation is one of autocast's bf16 GEMMs, as its reference torch.bmm is: bf16 result, equal to bmm's."""
     import sys
 
     corr_mod = sys.modules["smtc_fast.ops.correlation"]  # smtc_fast.ops.correlation is also the function's name
@@ -73,15 +74,17 @@ def test_ops_run_their_float32_kernels_under_cpu_autocast(monkeypatch):
         c = correlation(a, b)
         upd, attn = slot_aggregate(logits, values, mask=mask)
         upd1, _ = slot_aggregate(logits[:, :, 0], values)  # stage 1
-    assert c.dtype == upd.dtype == attn.dtype == upd1.dtype == torch.float32
-    torch.testing.assert_close(c, torch.ops.smtc_fast.correlation(a.float(), b.float()), rtol=0, atol=0)
+    assert upd.dtype == attn.dtype == upd1.dtype == torch.float32
+    assert c.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c_bmm = torch.bmm(a.float(), b.float().transpose(1, 2))  # autocast casts float32 inputs to bf16 too
+    torch.testing.assert_close(c, c_bmm, rtol=0, atol=0)
     ref_upd, ref_attn = torch.ops.smtc_fast.slot_aggregate(logits.float(), values.float(), mask.float(), 1e-8)
     torch.testing.assert_close(upd, ref_upd, rtol=0, atol=0)
     (c.sum() + upd.square().sum() + upd1.sum()).backward()
     for t in (a, b, logits, values):
         assert t.grad is not None and t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad.float()).all()
-    # outside autocast a bf16 call is the caller's choice: the reference in bf16, as before
-    monkeypatch.undo()
+    # outside autocast a bf16 call is the caller's choice: it stays bf16
     assert correlation(a.detach(), b.detach()).dtype == torch.bfloat16
 
 

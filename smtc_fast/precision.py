@@ -8,7 +8,8 @@ ask `autocast_dtype(device, amp)`; `--no-amp` is float32 everywhere.
 
 Under CPU autocast the smtc_fast operators still run their float32 CPU kernels (compiled for float32/float64): the
 public functions cast bf16 inputs up (`smtc_fast.ops._common.autocast_inputs`), as autocast does for its own
-float32-list ops, so the slot attention and correlation accumulate in float32 as the CUDA kernels do.
+float32-list ops, so the slot attention accumulates in float32 as the CUDA kernels do. `correlation` is a GEMM
+and runs as one of autocast's bf16 GEMMs (bf16 result, float32 accumulation), as torch.bmm would.
 """
 import functools
 

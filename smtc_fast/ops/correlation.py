@@ -12,7 +12,13 @@ Backward: grad_a = grad @ b, grad_b = grad^T @ a (registered op `_correlation_ba
 """
 import torch
 
-from smtc_fast.ops._common import NAMESPACES, autocast_inputs, check_dim, check_same, check_tensor, kernel_ops, use_kernel
+from smtc_fast.ops._common import (CPU_DTYPES, CUDA_DTYPES, NAMESPACES, check_dim, check_same, check_tensor,
+                                   kernel_ops, use_kernel)
+
+# The CPU kernel is at::bmm into the output cache (csrc/correlation/correlation_cpu.cpp): it serves every floating
+# dtype that bmm does, bf16 included.
+_KERNEL_DTYPES = {"cpu": CPU_DTYPES + (torch.bfloat16, torch.float16), "cuda": CUDA_DTYPES}
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts (never float64)
 
 
 def _check(a, b):
@@ -31,10 +37,18 @@ def correlation_reference(a, b):
 
 def correlation(a, b):
     """C = a @ b^T per batch: a (B, N, D), b (B, M, D) -> (B, N, M). Differentiable in a and b.
-    Under CPU autocast, bf16 inputs run the float32 kernel (float32 result; ops._common.autocast_inputs)."""
-    a, b = autocast_inputs(a, b)
+
+    Under CPU autocast the op is one of autocast's lower-precision GEMMs, as torch.bmm (its reference) is: float
+    inputs are cast to the autocast dtype and the result has it (oneDNN accumulates the bf16 products in float32).
+    Its consumer, h_c's GEMM in the model's fusion (models/smtc.py), runs in bf16 under autocast anyway, so a
+    float32 correlation there bought no precision and cost a third more time than the reference (issue 15's
+    head table)."""
+    if (a.device.type == "cpu" and torch.is_autocast_enabled("cpu") and isinstance(b, torch.Tensor)
+            and a.dtype in _AUTOCAST_ELIGIBLE and b.dtype in _AUTOCAST_ELIGIBLE):
+        dtype = torch.get_autocast_dtype("cpu")
+        a, b = a.to(dtype), b.to(dtype)
     _check(a, b)
-    if use_kernel(a):
+    if use_kernel(a, _KERNEL_DTYPES):
         return kernel_ops(a).correlation(a, b)
     return correlation_reference(a, b)
 
