@@ -14,8 +14,14 @@ gathers, (B*12, n, n) temporaries); "fused" is smtc_fast.ops.transport_loss. Tim
 alternates the two impls' steps (on a shared machine the noise then hits both alike; the ratio is the median
 of the per-round ratios), with freed memory kept mapped as `smtc train` runs on the CPU (smtc_fast/cpu_memory.py;
 --no-keep-cpu-memory times with glibc's defaults, where the unfused path's 100 MB temporaries are page-faulted in
-again at every step, which more than doubled its time here). Memory: a fresh subprocess per impl, the peak RSS of one step above what was resident
-before it (bench_ops.py's measure: /proc/self/clear_refs, then VmHWM). Same inputs and threads for both.
+again at every step, which more than doubled its time here). Memory: a fresh subprocess per impl, the peak RSS of
+one step above what was resident before it (bench_ops.py's measure: /proc/self/clear_refs, then VmHWM). Same inputs
+and threads for both.
+
+Keys: float32 (`smtc train --no-amp`), and bf16 as a bf16 forward gives them (`--amp`, the default on a CPU with
+native bf16). With bf16 keys both impls compute on the same float32 values (the unfused path widens them first;
+the fused CPU kernel multiplies them on AMX with float32 accumulation, which is exact per product), so the loss
+and its gradient agree to float32 rounding either way.
 """
 import argparse
 import json
@@ -30,15 +36,16 @@ sys.path.insert(0, ROOT)  # this checkout's smtc_fast (and its built extension),
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_ops import environment, peak_rss, reset_peak_rss, write_json  # noqa: E402
 
-def make_inputs(B, n, requires_grad):
+def make_inputs(B, n, requires_grad, keys="float32"):
+    """keys "bfloat16": the keys as a bf16 forward (--amp) gives them; both impls compute on their float32 values"""
     import torch
 
     T, S, D = 4, 16, 384
     g = torch.Generator().manual_seed(0)
     s = torch.randn(B, T, S, n, generator=g).requires_grad_(requires_grad)
     t = torch.randn(B, T, S, n, generator=g)
-    k = torch.randn(B, T, n, D, generator=g)
-    return s, t, k, f"B={B},T={T},S={S},n={n},D={D}"
+    k = torch.randn(B, T, n, D, generator=g).to(getattr(torch, keys))
+    return s, t, k, f"B={B},T={T},S={S},n={n},D={D},keys={keys}"
 
 
 def make_step(impl, pass_, s, t, k):
@@ -56,7 +63,7 @@ def make_step(impl, pass_, s, t, k):
     return step
 
 
-def child_memory(impl, B, n, pass_, threads):
+def child_memory(impl, B, n, pass_, threads, keys):
     """Peak RSS of one step above what was resident before it, in this fresh process."""
     import torch
 
@@ -64,17 +71,17 @@ def child_memory(impl, B, n, pass_, threads):
 
     if threads:
         torch.set_num_threads(threads)
-    s, t, k, shape = make_inputs(B, n, pass_ == "fwdbwd")
+    s, t, k, shape = make_inputs(B, n, pass_ == "fwdbwd", keys)
     step = make_step(impl, pass_, s, t, k)
     value = step().item()  # warm-up
     smtc_fast.release_cpu_cache()  # the kernels' kept output blocks count in the peak below
     base = reset_peak_rss()
     step()
-    return {"impl": impl, "B": B, "n": n, "pass": pass_, "shape": shape,
+    return {"impl": impl, "B": B, "n": n, "pass": pass_, "keys": keys, "shape": shape,
             "peak_mb": round((peak_rss() - base) / 2**20, 1), "loss": value}
 
 
-def child_time(B, n, pass_, repeats, threads, keep_memory=True):
+def child_time(B, n, pass_, repeats, threads, keep_memory=True, keys="float32"):
     """Both impls' steps alternated in this one process, so that the machine's noise hits both alike; returns
     each impl's median and min wall time and the median of the per-round ratios unfused / fused."""
     import torch
@@ -88,10 +95,11 @@ def child_time(B, n, pass_, repeats, threads, keep_memory=True):
         keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
-    s, t, k, shape = make_inputs(B, n, pass_ == "fwdbwd")
+    s, t, k, shape = make_inputs(B, n, pass_ == "fwdbwd", keys)
     steps = {impl: make_step(impl, pass_, s, t, k) for impl in ("fused", "unfused")}
-    # The floor: the keys' dot products of every unordered frame pair, one float32 GEMM (MKL via torch.bmm), the
-    # work neither implementation can skip (T(T-1)/2 pairs x n x n x D multiply-adds; the rest is O(n^2) per pair)
+    # The floor: the keys' dot products of every unordered frame pair, one GEMM in the keys' dtype (torch.bmm:
+    # MKL in float32, oneDNN on AMX in bf16), the work neither implementation can skip (T(T-1)/2 pairs x n x n x D
+    # multiply-adds; the rest is O(n^2) per pair)
     T = k.shape[1]
     pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
     ki = k[:, [i for i, _ in pairs]].flatten(0, 1).contiguous()
@@ -106,7 +114,7 @@ def child_time(B, n, pass_, repeats, threads, keep_memory=True):
             step()
             times[impl].append((time.perf_counter() - t0) * 1e3)
     ratios = [u / f for u, f in zip(times["unfused"], times["fused"])]
-    return {"B": B, "n": n, "pass": pass_, "shape": shape, "threads": torch.get_num_threads(),
+    return {"B": B, "n": n, "pass": pass_, "keys": keys, "shape": shape, "threads": torch.get_num_threads(),
             "fused_median_ms": statistics.median(times["fused"]), "fused_min_ms": min(times["fused"]),
             "unfused_median_ms": statistics.median(times["unfused"]), "unfused_min_ms": min(times["unfused"]),
             "ratio_median": statistics.median(ratios), "rounds": repeats,
@@ -138,41 +146,44 @@ def main():
                         help="time with freed memory kept mapped, as `smtc train` runs on the CPU (smtc_fast/"
                              "cpu_memory.py); --no-keep-cpu-memory: glibc's defaults, where the unfused path's "
                              "100 MB temporaries are page-faulted in at every step")
-    parser.add_argument("--_time", nargs=3, metavar=("B", "N", "PASS"), help=argparse.SUPPRESS)
-    parser.add_argument("--_memory", nargs=4, metavar=("IMPL", "B", "N", "PASS"), help=argparse.SUPPRESS)
+    parser.add_argument("--_time", nargs=4, metavar=("B", "N", "PASS", "KEYS"), help=argparse.SUPPRESS)
+    parser.add_argument("--_memory", nargs=5, metavar=("IMPL", "B", "N", "PASS", "KEYS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._time:
-        B, n, pass_ = args._time
+        B, n, pass_, keys = args._time
         print("RESULT " + json.dumps(child_time(int(B), int(n), pass_, args.repeats, args.threads,
-                                                args.keep_cpu_memory)))
+                                                args.keep_cpu_memory, keys)))
         return
     if args._memory:
-        impl, B, n, pass_ = args._memory
-        print("RESULT " + json.dumps(child_memory(impl, int(B), int(n), pass_, args.threads)))
+        impl, B, n, pass_, keys = args._memory
+        print("RESULT " + json.dumps(child_memory(impl, int(B), int(n), pass_, args.threads, keys)))
         return
     common = ["--repeats", str(args.repeats), "--threads", str(args.threads)]
     if not args.keep_cpu_memory:
         common.append("--no-keep-cpu-memory")
     shapes = [(32, 256), (args.clips_1024, 1024)]
     records = []
-    print(f"{'B':>3s} {'n':>5s} {'pass':7s} | {'fused ms (median/min)':>22s} | {'unfused ms (median/min)':>24s} | "
-          f"{'ratio':>6s} | {'peak MB fused':>13s} {'unfused':>8s} {'ratio':>6s}")
-    for pass_ in ("fwdbwd", "fwd"):
+    print(f"{'keys':8s} {'B':>3s} {'n':>5s} {'pass':7s} | {'fused ms (median/min)':>22s} | "
+          f"{'unfused ms (median/min)':>24s} | {'ratio':>6s} | {'peak MB fused':>13s} {'unfused':>8s} {'ratio':>6s}")
+    # float32 keys (--no-amp), and bf16 keys as a bf16 forward gives them (--amp, the default where the CPU has
+    # native bf16): the same float32 values to both impls; the fused CPU kernel multiplies them on AMX
+    runs = [("float32", "fwdbwd"), ("float32", "fwd"), ("bfloat16", "fwdbwd")]
+    for keys, pass_ in runs:
         for B, n in shapes:
-            tr = run_child(common + ["--_time", str(B), str(n), pass_])
-            mf = run_child(common + ["--_memory", "fused", str(B), str(n), pass_])
-            mu = run_child(common + ["--_memory", "unfused", str(B), str(n), pass_])
+            tr = run_child(common + ["--_time", str(B), str(n), pass_, keys])
+            mf = run_child(common + ["--_memory", "fused", str(B), str(n), pass_, keys])
+            mu = run_child(common + ["--_memory", "unfused", str(B), str(n), pass_, keys])
             if not (tr and mf and mu):
                 continue
             rec = dict(tr, fused_peak_mb=mf["peak_mb"], unfused_peak_mb=mu["peak_mb"], fused_loss=mf["loss"],
                        unfused_loss=mu["loss"])
             records.append(rec)
-            print(f"{B:3d} {n:5d} {pass_:7s} | {tr['fused_median_ms']:10.1f} / {tr['fused_min_ms']:9.1f} | "
+            print(f"{keys:8s} {B:3d} {n:5d} {pass_:7s} | {tr['fused_median_ms']:10.1f} / {tr['fused_min_ms']:9.1f} | "
                   f"{tr['unfused_median_ms']:11.1f} / {tr['unfused_min_ms']:10.1f} | {tr['ratio_median']:5.1f}x | "
                   f"{mf['peak_mb']:13.1f} {mu['peak_mb']:8.1f} {mu['peak_mb'] / max(mf['peak_mb'], 0.1):5.0f}x",
                   flush=True)
     # The fused op alone at the full batch and 1024 tokens: its memory does not grow with B.
-    mf = run_child(common + ["--_memory", "fused", "32", "1024", "fwdbwd"])
+    mf = run_child(common + ["--_memory", "fused", "32", "1024", "fwdbwd", "float32"])
     if mf:
         records.append(dict(mf, op="transport_loss"))
         print(f"\nfused alone, B=32 n=1024 fwdbwd: peak {mf['peak_mb']:.1f} MB above the inputs "
@@ -181,7 +192,8 @@ def main():
     for rec in records:
         if "gemm_floor_median_ms" in rec and rec["pass"] == "fwdbwd":
             floor = rec["gemm_floor_median_ms"]
-            print(f"B={rec['B']} n={rec['n']}: the keys' dot products alone (one float32 bmm, {rec['gemm_gflop']:.1f} "
+            print(f"keys {rec['keys']}, B={rec['B']} n={rec['n']}: the keys' dot products alone (one {rec['keys']} "
+                  f"bmm, {rec['gemm_gflop']:.1f} "
                   f"GFLOP) take {floor:.1f} ms: fused = {rec['fused_median_ms'] / floor:.2f}x that floor; the unfused "
                   f"path can be at most {rec['unfused_median_ms'] / floor:.1f}x slower than an op at the floor")
     if args.json:

@@ -224,7 +224,7 @@ def test_semantic_loss_uses_the_op_and_keeps_its_options(device):
         assert_close_to_reference(got, transport_loss_reference(s, t, k, eps, iters, marginals, cost))
     if HAS_KERNEL:  # the CPU kernel, or the CUDA kernel (also the execution tier's, under an emulated device)
         assert kernel_ran(lambda: semantic_loss(s, t, k))
-    # bf16 inputs are computed in float32, as before
+    # bf16 inputs are computed in float32, as before (the keys go to the op as bf16: it widens them exactly)
     got = semantic_loss(s.bfloat16(), t.bfloat16(), k.bfloat16())
     want = transport_loss_reference(s.bfloat16().float(), t.bfloat16().float(), k.bfloat16().float())
     assert got.dtype == torch.float32
@@ -235,7 +235,10 @@ def test_semantic_loss_uses_the_op_and_keeps_its_options(device):
     (dict(student_logits=torch.rand(2, 3, 4)), "student_logits must be 4-D"),
     (dict(teacher_logits=torch.rand(2, 3, 4, 6)), "teacher_logits .* must match"),
     (dict(teacher_keys=torch.rand(2, 3, 6, 7)), "teacher_keys must be"),
-    (dict(teacher_keys=torch.rand(2, 3, 5, 7).double()), "same dtype"),
+    (dict(teacher_keys=torch.rand(2, 3, 5, 7).double()), "dtype of student_logits"),
+    (dict(teacher_keys=torch.rand(2, 3, 5, 7).half()), "dtype of student_logits"),
+    (dict(student_logits=torch.rand(2, 3, 4, 5).double(), teacher_logits=torch.rand(2, 3, 4, 5).double(),
+          teacher_keys=torch.rand(2, 3, 5, 7).bfloat16()), "dtype of student_logits"),
     (dict(teacher_logits=torch.rand(2, 3, 4, 5, device="meta")), "same device"),
     (dict(student_logits=torch.randint(0, 3, (2, 3, 4, 5))), "floating-point"),
     (dict(eps=0.0), "eps must be"),
@@ -271,6 +274,63 @@ def test_cpp_op_validates_too():
         torch.ops.smtc_fast.transport_loss(s[:, :1], t[:, :1], k[:, :1], 0.05, 3, "norm", "one_minus_cos")
     with pytest.raises(RuntimeError, match="targets must have the shape"):
         torch.ops.smtc_fast._transport_loss_backward(torch.ones(()), s, torch.rand(2, 3, 4, 6))
+    with pytest.raises(RuntimeError, match="dtype of student_logits"):
+        torch.ops.smtc_fast.transport_loss(s, t, k.half(), 0.05, 3, "norm", "one_minus_cos")
+
+
+def check_bf16_keys(shape, device):
+    """Keys from a bf16 forward (--amp) go to the op as bf16 with float32 logits. Each product of two bf16 numbers
+    is exact in float32, so the CPU kernel's bf16 GEMM with float32 accumulation (cpublas::brgemm on AMX) must give
+    what the float32 path gives on the widened keys, and both must be as close to the float64 truth."""
+    s, t, k = inputs(*shape, dtype=torch.float32, device=device)
+    kb = k.bfloat16()
+    s.requires_grad_()
+    got = _cuda_kernel_ran(device, lambda: transport_loss(s, t, kb))
+    (g_got,) = torch.autograd.grad(got, s)
+    assert got.dtype == g_got.dtype == torch.float32
+    if device == "cpu":
+        assert kernel_ran(lambda: transport_loss(s, t, kb))
+    want = transport_loss(s, t, kb.float())  # the float32 path on the same values
+    (g_want,) = torch.autograd.grad(want, s)
+    assert_close_to_reference(got, want)
+    scale = g_want.abs().max().item()
+    assert_close_to_reference(g_got / scale, g_want / scale, atol=1e-5)
+    s64 = s.detach().double().requires_grad_()
+    truth = transport_loss_reference(s64, t.double(), kb.double())
+    (g_truth,) = torch.autograd.grad(truth, s64)
+    err_bf16 = (g_got.double() - g_truth).abs().max().item()
+    err_f32 = (g_want.double() - g_truth).abs().max().item()
+    assert err_bf16 <= 4 * err_f32 + 1e-12 * scale, (err_bf16, err_f32)
+    assert_close_to_reference(transport_loss_reference(s, t, kb), want)  # the reference widens them too
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [
+    (3, 4, 16, 256, 384),  # SMTC's per-clip shape: D a multiple of 32, the AMX GEMM (where the CPU has AMX)
+    (2, 3, 5, 37, 64),     # odd n
+    (1, 5, 3, 70, 32),     # five frames
+    (2, 3, 4, 20, 48),     # D not a multiple of 32: the keys are widened to float32 first
+])
+def test_bf16_keys_are_computed_on_their_float32_values(shape):
+    check_bf16_keys(shape, "cpu")
+
+
+@needs_kernel
+def test_bf16_keys_log_domain_fallback():
+    """The fallback recomputes the pair's cosines from the keys: from the bf16 ones too. As in
+    test_log_domain_fallback, 3 non-zero dims (cosines spread over [-1, 1]) and eps 0.01 send pairs there; D = 32
+    keeps the AMX GEMM for the rest."""
+    s, t, k3 = inputs(2, 3, 4, 12, 3, dtype=torch.float32)
+    k = torch.zeros(2, 3, 12, 32)
+    k[..., :3] = k3
+    k = k.bfloat16()
+    s.requires_grad_()
+    got = transport_loss(s, t, k, 0.01, 4)
+    want = transport_loss_reference(s, t, k, 0.01, 4)
+    assert torch.isfinite(got)
+    assert_close_to_reference(got, want, rtol=1e-4)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-4,
+                               atol=1e-7)
 
 
 # ---- The CUDA kernel (csrc/transport_loss/transport_loss_cuda.cu): a real GPU, and the CPU execution tier under two
@@ -295,6 +355,13 @@ def _cuda_kernel_ran(device, fn):
                                                     ("norm", "neg_cos", 0), ("uniform", "one_minus_cos", 5)])
 def test_cuda_kernel_equals_reference(device, dtype, marginals, cost, iters):
     _cuda_kernel_ran(device, lambda: compare((2, 3, 5, 24, 16), dtype, 0.05, iters, marginals, cost, device=device))
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 24, 32), (2, 3, 4, 20, 12)])
+def test_cuda_kernel_bf16_keys(device, shape):
+    """The CUDA wrapper widens bf16 keys to the logits' float32 (its GEMMs are float32)."""
+    check_bf16_keys(shape, device)
 
 
 @pytest.mark.parametrize("device", CUDA_DEVICES)

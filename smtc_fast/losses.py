@@ -64,14 +64,18 @@ def semantic_loss(student_logits, teacher_logits, teacher_keys, eps=0.05, iters=
 
     Computed by the fused op smtc_fast.ops.transport_loss, which never materialises the (B*T*(T-1), n, n) costs,
     plans or cross matrices (its reference is the unfused path). Inputs are computed in float32 (float64 if any
-    input is float64), as the official code does in fp32.
+    input is float64), as the official code does in fp32. bf16 keys (a bf16 forward's, under --amp) are passed
+    as they are: the op computes on their exact float32 values, and its CPU kernel multiplies them on AMX.
     """
     # shapes, T >= 2, eps, iters, marginals and cost are validated by transport_loss (ops/transport_loss.py)
     dtype = torch.float32
     for x in (student_logits, teacher_logits, teacher_keys):
         dtype = torch.promote_types(dtype, x.dtype)
-    return transport_loss(student_logits.to(dtype), teacher_logits.detach().to(dtype), teacher_keys.detach().to(dtype),
-                          eps, iters, marginals, cost)
+    keys = teacher_keys.detach()
+    if not (keys.dtype == torch.bfloat16 and dtype == torch.float32):
+        keys = keys.to(dtype)
+    return transport_loss(student_logits.to(dtype), teacher_logits.detach().to(dtype), keys, eps, iters, marginals,
+                          cost)
 
 
 # ---------------------------------------------------------------------------------------------------------------- L_reg

@@ -3,7 +3,8 @@
 //
 //   student_logits (B, T, S, n)  float32 | float64
 //   teacher_logits (B, T, S, n)  same dtype
-//   teacher_keys   (B, T, n, D)  same dtype (the teacher's un-fused keys, both sides of the cost)
+//   teacher_keys   (B, T, n, D)  same dtype, or bf16 with float32 logits (the teacher's un-fused keys, both sides
+//                                of the cost; bf16 ones are computed on as their exact float32 values)
 //   eps > 0, iters >= 0, marginals "norm" | "uniform", cost "one_minus_cos" | "neg_cos"
 //   -> loss () and targets (B, T, S, n): targets[b, i, s, a] = sum_{j != i} (plan_ij @ p_t_j^T)[a, s]
 //

@@ -17,7 +17,13 @@ inline void check_transport_loss_args(const at::Tensor& student_logits, const at
   SMTC_CHECK_DIM(teacher_keys, 4);
   SMTC_CHECK_FLOAT(student_logits);
   SMTC_CHECK_SAME(student_logits, teacher_logits);
-  SMTC_CHECK_SAME(student_logits, teacher_keys);
+  TORCH_CHECK(student_logits.device() == teacher_keys.device(), "student_logits and teacher_keys must be on the "
+              "same device, got ", student_logits.device(), " and ", teacher_keys.device());
+  // the keys may be bf16 with float32 logits: the keys of a bf16 forward, whose products are exact in float32
+  TORCH_CHECK(teacher_keys.scalar_type() == student_logits.scalar_type() ||
+                  (teacher_keys.scalar_type() == at::kBFloat16 && student_logits.scalar_type() == at::kFloat),
+              "teacher_keys must have the dtype of student_logits (or be bfloat16 with float32 logits), got ",
+              teacher_keys.scalar_type(), " and ", student_logits.scalar_type());
   TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes(), "teacher_logits must have the shape of "
               "student_logits (B, T, S, n) = ", student_logits.sizes(), ", got ", teacher_logits.sizes());
   SMTC_CHECK_SIZE(teacher_keys, 0, student_logits.size(0), "clips B of student_logits");

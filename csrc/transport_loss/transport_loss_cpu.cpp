@@ -5,7 +5,8 @@
 // shape, 1.6 GB per tensor at 1024 tokens). Here one task per clip (parallel over clips, dynamic schedule):
 //   1. per frame, one pass over its keys: inverse L2 norms and the marginal (nothing copied or normalised);
 //   2. per frame i < T-1, the raw dot products with frames i+1..T-1: one single-threaded GEMM (the BLAS's job)
-//      into a per-thread (n, (T-1-i) n) block (768 KB at n = 256: it stays in the core's L2);
+//      into a per-thread (n, (T-1-i) n) block (768 KB at n = 256: it stays in the core's L2); bf16 keys (a bf16
+//      forward's) are multiplied on AMX instead, per pair, with float32 accumulation (see pack_vnni);
 //   3. per unordered pair, K = exp(-(1 - cos)/eps) is written over its (n, n) sub-block, both orientations'
 //      iterations share each pass over K, and a last pass gives both orientations' contractions with the
 //      teacher's masks (transport_loss.h); the clip's frames' targets add them in pair order (deterministic);
@@ -16,17 +17,21 @@
 // parallel regions (each costs a barrier on a loaded machine).
 //
 // Passes over K per pair: 1 (build) + (iters - 1) + 1 (contraction); the iterations cost 2 dots and 2 axpys per
-// row for both orientations together, the contraction 2S. The GEMM (n^2 D multiply-adds per pair) dominates:
-// ~60% of the forward at SMTC's shape (perf, one thread), then the contraction (~10%).
+// row for both orientations together, the contraction 2S. With float32 keys the GEMM (n^2 D multiply-adds per
+// pair) dominates: ~60% of the forward at SMTC's shape (perf, one thread), then the contraction (~10%); the op is
+// 1.34x the float32 GEMM alone (bench_transport_loss.py). With bf16 keys on AMX the GEMM is ~12% and the passes over
+// K lead (contraction ~21%, build ~7%, iterations ~6%, one thread): 2.5x a bf16 bmm of the same pairs.
 // A single-threaded at::mm per task inside the parallel region measured faster here than T-1 batched GEMMs per
 // chunk of clips between parallel regions (1.25x at one thread, more on the loaded 2-core VM, where every
 // barrier between the GEMM phase and the pair phase waits on the slowest thread).
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>  // cpublas::brgemm: bf16 x bf16 -> float32 on AMX (oneDNN's batch-reduce GEMM)
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -48,22 +53,34 @@ template <typename T> struct Pair {
   int64_t ld, n, S, D;
   const T *inv_i, *inv_j, *mu_i, *mu_j, *pt_i, *pt_j;
   const T *key_i, *key_j;  // raw keys (n, D): the log-domain fallback recomputes cos from them
+  const uint16_t *key_i_bf16, *key_j_bf16;  // the same, when the keys are bf16 (then key_i, key_j are null)
   T* q_i;
   T* q_j;
 };
 
+// A key's value: float/double as stored; bf16 (raw bits) widened exactly to float (its top 16 bits).
+inline float key_value(float x) { return x; }
+inline double key_value(double x) { return x; }
+inline float key_value(uint16_t bits) {
+  const uint32_t u = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 // Per frame, one pass over its keys (n, D): the inverse L2 norms and the marginal (spec §2.1: mu[a] =
 // ||f_hat[a]||_1 = ||x_a||_1 / max(||x_a||_2, 1e-12), renormalised to sum 1; or uniform 1/n).
-template <typename T>
-void frame_stats(const T* x, int64_t n, int64_t D, bool norm_marginals, T* inv, T* mu) {
+template <typename T, typename K>
+SMTC_ALWAYS_INLINE void frame_stats_impl(const K* x, int64_t n, int64_t D, bool norm_marginals, T* inv, T* mu) {
   T total = T(0);
   for (int64_t a = 0; a < n; ++a) {
-    const T* row = x + a * D;
+    const K* row = x + a * D;
     T s2 = T(0), s1 = T(0);
     SMTC_SIMD_SUM2(s2, s1)
     for (int64_t k = 0; k < D; ++k) {
-      s2 += row[k] * row[k];
-      s1 += std::abs(row[k]);
+      const T v = key_value(row[k]);
+      s2 += v * v;
+      s1 += std::abs(v);
     }
     inv[a] = inverse_norm(s2);
     mu[a] = s1 * inv[a];
@@ -245,7 +262,13 @@ template <typename T> void log_domain_pair(const Pair<T>& p, T eps, int64_t iter
   for (int64_t a = 0; a < n; ++a) {
     for (int64_t b = 0; b < n; ++b) {
       T dot = T(0);
-      for (int64_t k = 0; k < D; ++k) dot += p.key_i[a * D + k] * p.key_j[b * D + k];
+      if (p.key_i_bf16 != nullptr) {
+        for (int64_t k = 0; k < D; ++k) {
+          dot += key_value(p.key_i_bf16[a * D + k]) * key_value(p.key_j_bf16[b * D + k]);
+        }
+      } else {
+        for (int64_t k = 0; k < D; ++k) dot += p.key_i[a * D + k] * p.key_j[b * D + k];
+      }
       C[a * ld + b] = T(1) - cosine(dot, p.inv_i[a], p.inv_j[b]);
     }
   }
@@ -274,6 +297,15 @@ template <typename T> void log_domain_pair(const Pair<T>& p, T eps, int64_t iter
 }
 
 // Non-template entry points, compiled once per SIMD width (target_clones) with the loops above inlined.
+#define SMTC_FRAME_STATS_INSTANTIATE(K, T)                                                                       \
+  SMTC_CPU_CLONES void frame_stats(const K* x, int64_t n, int64_t D, bool norm, T* inv, T* mu) {                 \
+    frame_stats_impl<T, K>(x, n, D, norm, inv, mu);                                                              \
+  }
+SMTC_FRAME_STATS_INSTANTIATE(float, float)
+SMTC_FRAME_STATS_INSTANTIATE(double, double)
+SMTC_FRAME_STATS_INSTANTIATE(uint16_t, float)   // bf16 keys
+SMTC_FRAME_STATS_INSTANTIATE(uint16_t, double)  // (never called: bf16 keys come with float32 logits)
+
 #define SMTC_TRANSPORT_LOSS_INSTANTIATE(T)                                                                       \
   SMTC_CPU_CLONES void build_pass(T* K, int64_t ld, int64_t n, T sc, const T* ii, const T* ij, const T* mu,      \
                                   bool rows, T* a1, T* c1, T* c2, bool* bad) {                                   \
@@ -346,6 +378,31 @@ template <typename T> void solve_pair(const Pair<T>& p, T eps, int64_t iters, T 
   if (bad) log_domain_pair(p, eps, iters, buf);
 }
 
+// ---- bf16 keys on AMX -------------------------------------------------------------------------------------------
+// Keys from a bf16 forward (the trainer's default --amp on a CPU with native bf16) hold bf16 values. The product of
+// two bf16 numbers is exact in float32, so a bf16 GEMM that accumulates in float32 gives the float32 GEMM's dot
+// products of the same values, up to the order of the sums (as two BLAS blockings differ). oneDNN's batch-reduce
+// GEMM (cpublas::brgemm) does that on AMX tiles: the pair blocks' 9.7 GFLOP at SMTC's shape in ~6 ms instead of
+// ~35 ms in float32 (bench/bench_transport_loss.py), which was 70% of the fused op. Where brgemm cannot run bf16
+// (no AMX: cpublas::could_pack), or D is not a multiple of kBrgemmK, the keys are widened to float32 instead.
+constexpr int64_t kBrgemmK = 32;  // bf16 elements per AMX tile row: K is never padded
+
+// B = X^T (D x n) of one frame's keys X (n, D) in the VNNI layout brgemm takes for bf16, [D/2][n][2]: the 32-bit
+// word (x[c][2k], x[c][2k+1]) of token c goes to word k n + c, i.e. X's (n, D/2) words transposed.
+void pack_vnni(const uint16_t* x, int64_t n, int64_t D, uint16_t* out) {
+  const int64_t W = D / 2;
+  constexpr int64_t kTile = 16;
+  for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+    for (int64_t k0 = 0; k0 < W; k0 += kTile) {
+      for (int64_t c = c0; c < std::min(c0 + kTile, n); ++c) {
+        for (int64_t k = k0; k < std::min(k0 + kTile, W); ++k) {
+          std::memcpy(out + 2 * (k * n + c), x + 2 * (c * W + k), 4);
+        }
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_logits_in,
                                                       const at::Tensor& teacher_logits_in,
                                                       const at::Tensor& teacher_keys_in, double eps, int64_t iters,
@@ -353,26 +410,34 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
   const std::string marginals(marginals_in), cost(cost_in);
   check_transport_loss_args(student_logits_in, teacher_logits_in, teacher_keys_in, eps, iters, marginals, cost);
   const auto student_logits = student_logits_in.contiguous();
-  const auto keys = teacher_keys_in.contiguous();
+  auto keys = teacher_keys_in.contiguous();
   const int64_t B = student_logits.size(0), T = student_logits.size(1), S = student_logits.size(2);
   const int64_t n = student_logits.size(3), D = keys.size(3);
+  // bf16 keys (float32 logits; checked): their GEMM on AMX where it can run, else the float32 path (see pack_vnni)
+  const bool bf16_keys = keys.scalar_type() == at::kBFloat16;
+  const bool amx_keys = bf16_keys && D % kBrgemmK == 0 && at::native::cpublas::could_pack(at::kBFloat16);
+  if (bf16_keys && !amx_keys) keys = keys.to(student_logits.scalar_type());
   const auto teacher_logits = teacher_logits_in.contiguous();
   auto targets = at::empty(student_logits.sizes(), student_logits.options());
   double loss_sum = 0;
   if (targets.numel() > 0) {
-    auto stats = at::empty({2, B, T, n}, keys.options());  // inverse key norms, marginals
-    auto loss_part = at::empty({B}, keys.options().dtype(at::kDouble));
+    const auto opts = student_logits.options();
+    auto stats = at::empty({2, B, T, n}, opts);  // inverse key norms, marginals
+    auto loss_part = at::empty({B}, opts.dtype(at::kDouble));
     const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
     // Per-thread scratch (from the output cache: no fresh pages per call): the dot-product / K block, the
     // clip's teacher masks and one frame's student probabilities.
     const int64_t scratch = n * (T - 1) * n + T * S * n + S * n;
-    auto scratch_t = empty_output({n_threads, scratch}, keys.options());
-    AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "smtc_fast::transport_loss (CPU)", [&] {
+    auto scratch_t = empty_output({n_threads, scratch}, opts);
+    // bf16 keys: per thread, frames 1..T-1 of the clip packed for brgemm
+    auto packed_t = amx_keys ? empty_output({n_threads, (T - 1) * n * D}, keys.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(student_logits.scalar_type(), "smtc_fast::transport_loss (CPU)", [&] {
       using scalar = scalar_t;
       const scalar e = static_cast<scalar>(eps);
       // iters = 0 only: exp(-C/eps) = exp(-(1 - cos)/eps) * exp((1 - c0)/eps) for C = c0 - cos
       const scalar iters0_factor = cost == "neg_cos" ? static_cast<scalar>(std::exp(1.0 / eps)) : scalar(1);
-      const scalar* kp = keys.data_ptr<scalar>();
+      const scalar* kp = amx_keys ? nullptr : keys.data_ptr<scalar>();
+      const uint16_t* kb = amx_keys ? reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>()) : nullptr;
       const scalar* zs = student_logits.data_ptr<scalar>();
       const scalar* zt = teacher_logits.data_ptr<scalar>();
       scalar* invp = stats.data_ptr<scalar>();
@@ -388,11 +453,18 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
         scalar* ptc = Kb + n * (T - 1) * n;  // (T, S, n) the clip's teacher masks (no gradient, as official)
         scalar* ps = ptc + T * S * n;        // (S, n)
         std::vector<scalar> buf(std::max<int64_t>(6 * n + S * n, 1)), q(std::max<int64_t>(2 * S * n, 1));
+        uint16_t* packed =
+            amx_keys ? reinterpret_cast<uint16_t*>(packed_t.data_ptr<at::BFloat16>()) + tid * (T - 1) * n * D : nullptr;
         for (int64_t b; (b = next.fetch_add(1)) < B;) {
           std::fill(tp + b * T * S * n, tp + (b + 1) * T * S * n, scalar(0));
           for (int64_t t = 0; t < T; ++t) {
             const int64_t f = b * T + t;
-            frame_stats(kp + f * n * D, n, D, norm_marginals, invp + f * n, mup + f * n);
+            if (amx_keys) {
+              frame_stats(kb + f * n * D, n, D, norm_marginals, invp + f * n, mup + f * n);
+              if (t > 0) pack_vnni(kb + f * n * D, n, D, packed + (t - 1) * n * D);
+            } else {
+              frame_stats(kp + f * n * D, n, D, norm_marginals, invp + f * n, mup + f * n);
+            }
             softmax_frame(zt + f * S * n, S, n, ptc + t * S * n, buf.data(), buf.data() + n);
           }
           for (int64_t i = 0; i + 1 < T; ++i) {
@@ -400,8 +472,17 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
             // parallel region) into an (n, (T-1-i) n) block, whose (n, n) sub-blocks are the pairs' K, built
             // while the block is still in L2 (768 KB at SMTC's shape).
             const int64_t w = (T - 1 - i) * n;
-            auto block = at::from_blob(Kb, {n, w}, keys.options());
-            at::mm_out(block, keys[b][i], keys[b].narrow(0, i + 1, T - 1 - i).reshape({w, D}).t());
+            if (amx_keys) {  // scalar is float here (bf16 keys come with float32 logits)
+              const auto* a = reinterpret_cast<const at::BFloat16*>(kb + (b * T + i) * n * D);
+              for (int64_t j = i + 1; j < T; ++j) {
+                const auto* bj = reinterpret_cast<const at::BFloat16*>(packed + (j - 1) * n * D);
+                float* c = reinterpret_cast<float*>(Kb + (j - i - 1) * n);
+                at::native::cpublas::brgemm(n, n, D, D, n, w, false, a, bj, c);
+              }
+            } else {
+              auto block = at::from_blob(Kb, {n, w}, opts);
+              at::mm_out(block, keys[b][i], keys[b].narrow(0, i + 1, T - 1 - i).reshape({w, D}).t());
+            }
             for (int64_t j = i + 1; j < T; ++j) {
               const int64_t fi = b * T + i, fj = b * T + j;  // frame indices into (B, T)
               Pair<scalar> p;
@@ -416,8 +497,10 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
               p.mu_j = mup + fj * n;
               p.pt_i = ptc + i * S * n;
               p.pt_j = ptc + j * S * n;
-              p.key_i = kp + fi * n * D;
-              p.key_j = kp + fj * n * D;
+              p.key_i = amx_keys ? nullptr : kp + fi * n * D;
+              p.key_j = amx_keys ? nullptr : kp + fj * n * D;
+              p.key_i_bf16 = amx_keys ? kb + fi * n * D : nullptr;
+              p.key_j_bf16 = amx_keys ? kb + fj * n * D : nullptr;
               p.q_i = q.data();
               p.q_j = q.data() + S * n;
               solve_pair(p, e, iters, iters0_factor, buf.data());
@@ -440,6 +523,7 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cpu(const at::Tensor& student_
           }
           lp[b] = acc;
         }
+        if (amx_keys) at::native::cpublas::brgemm_release();  // this thread's AMX tile configuration
       });
       for (int64_t b = 0; b < B; ++b) loss_sum += lp[b];  // fixed order: deterministic
     });

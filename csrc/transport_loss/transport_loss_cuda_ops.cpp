@@ -37,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor> transport_loss_cuda(const at::Tensor& student
   const DeviceGuard guard(student_logits_in.device());
   const auto zs = student_logits_in.contiguous();
   const auto zt = teacher_logits_in.contiguous();
-  const auto keys = teacher_keys_in.contiguous();
+  // bf16 keys (a bf16 forward's) are widened to the logits' float32: the kernel's GEMMs and passes are float32
+  const auto keys = teacher_keys_in.to(zs.scalar_type()).contiguous();
   const int64_t B = zs.size(0), T = zs.size(1), S = zs.size(2), n = zs.size(3), D = keys.size(3);
   const double count = double(B * T * (T - 1));
   auto targets = at::empty(zs.sizes(), zs.options());

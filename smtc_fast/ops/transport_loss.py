@@ -5,7 +5,10 @@
 
     student_logits  (B, T, S, n)  float; the only input that gets a gradient
     teacher_logits  (B, T, S, n)  same dtype; p_t = softmax over S (no gradient, as in the official code)
-    teacher_keys    (B, T, n, D)  same dtype; the teacher's un-fused keys (both sides of the cost)
+    teacher_keys    (B, T, n, D)  same dtype, or bfloat16 with float32 logits; the teacher's un-fused keys (both
+                                  sides of the cost). bf16 keys (from a bf16 forward) are computed on as float32
+                                  values; their products are exact in float32, and the CPU kernel forms them on
+                                  AMX (csrc/transport_loss/transport_loss_cpu.cpp, pack_vnni)
     eps > 0, iters >= 0           the Sinkhorn's entropic regularisation and iteration count (official 0.05, 3)
     marginals  "norm"    official: mu[a] = ||f_hat[a]||_1 of the L2-normalised key, renormalised to sum 1
                "uniform" paper Eq. 8: 1/n
@@ -40,7 +43,11 @@ def _check(student_logits, teacher_logits, teacher_keys, eps, iters, marginals, 
     check_tensor("teacher_logits", teacher_logits, 4)
     check_tensor("teacher_keys", teacher_keys, 4)
     check_same("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_same("student_logits", student_logits, "teacher_keys", teacher_keys)
+    check_same("student_logits", student_logits, "teacher_keys", teacher_keys, dtype=False)
+    if teacher_keys.dtype != student_logits.dtype and not (teacher_keys.dtype == torch.bfloat16
+                                                           and student_logits.dtype == torch.float32):
+        raise ValueError("teacher_keys must have the dtype of student_logits (or be bfloat16 with float32 logits), "
+                         f"got {teacher_keys.dtype} and {student_logits.dtype}")
     B, T, S, n = student_logits.shape
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits "
@@ -68,7 +75,7 @@ def transport_loss_reference(student_logits, teacher_logits, teacher_keys, eps=0
     I = torch.tensor([i for i, _ in pairs], device=student_logits.device)
     J = torch.tensor([j for _, j in pairs], device=student_logits.device)
     with torch.no_grad():
-        f = F.normalize(teacher_keys, dim=-1)
+        f = F.normalize(teacher_keys.to(student_logits.dtype), dim=-1)  # bf16 keys: their exact float32 values
         fi, fj = f[:, I].flatten(0, 1), f[:, J].flatten(0, 1)  # (B*Np, n, D)
         cos = correlation(fi.contiguous(), fj.contiguous())  # (B*Np, n, n)
         C = 1.0 - cos if cost == "one_minus_cos" else -cos
