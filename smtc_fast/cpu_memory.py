@@ -16,8 +16,9 @@ their unfused L_sem allocates 100 MB temporaries). The CPU kernels already avoid
 The cost: the process keeps its peak memory mapped (its RSS does not shrink after a step), which a training
 process reaches at every step anyway. torch allocates with posix_memalign, whose freed blocks glibc reuses only
 once the heap holds a few of each size: the faults stop after the first steps, not at the second (a 48 MB block
-allocated and freed in a loop: the heap settles at ~8 of them, python_tests/test_model_train.py). Linux with glibc only; elsewhere nothing changes. `smtc train` applies it
-on the CPU unless --no-keep-cpu-memory; it is a process-wide setting, so it is not applied on import.
+allocated and freed in a loop: the heap settles at ~8 of them, python_tests/test_model_train.py). Linux with
+glibc only; elsewhere nothing changes. `smtc train` applies it on the CPU unless --no-keep-cpu-memory; it is a
+process-wide setting, so it is not applied on import.
 """
 import ctypes
 import sys

@@ -79,6 +79,17 @@ def autocast_inputs(*tensors):
                  else t for t in tensors)
 
 
+def autocast_gemm_inputs(*tensors):
+    """Under CPU autocast, float32/bf16/fp16 CPU tensors -> the autocast dtype (others unchanged): the op is one of
+    autocast's lower-precision GEMMs, as torch.bmm is (float64 is never cast, as autocast does not cast it). For
+    ops whose CPU kernel is a BLAS GEMM that takes bf16 (correlation); the others cast up (autocast_inputs)."""
+    if not torch.is_autocast_enabled("cpu"):
+        return tensors
+    dtype = torch.get_autocast_dtype("cpu")
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                 and t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t for t in tensors)
+
+
 def check_tensor(name, x, ndim=None, floating=True):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -12,13 +12,12 @@ Backward: grad_a = grad @ b, grad_b = grad^T @ a (registered op `_correlation_ba
 """
 import torch
 
-from smtc_fast.ops._common import (CPU_DTYPES, CUDA_DTYPES, NAMESPACES, check_dim, check_same, check_tensor,
-                                   kernel_ops, use_kernel)
+from smtc_fast.ops._common import (CPU_DTYPES, CUDA_DTYPES, NAMESPACES, autocast_gemm_inputs, check_dim, check_same,
+                                   check_tensor, kernel_ops, use_kernel)
 
 # The CPU kernel is at::bmm into the output cache (csrc/correlation/correlation_cpu.cpp): it serves every floating
 # dtype that bmm does, bf16 included.
 _KERNEL_DTYPES = {"cpu": CPU_DTYPES + (torch.bfloat16, torch.float16), "cuda": CUDA_DTYPES}
-_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts (never float64)
 
 
 def _check(a, b):
@@ -43,10 +42,7 @@ def correlation(a, b):
     Its consumer, h_c's GEMM in the model's fusion (models/smtc.py), runs in bf16 under autocast anyway, so a
     float32 correlation there bought no precision and made the kernels' bf16 fusion slower than the reference's
     (80 vs 59 ms at the official head shape, issue 15)."""
-    if (a.device.type == "cpu" and torch.is_autocast_enabled("cpu") and isinstance(b, torch.Tensor)
-            and a.dtype in _AUTOCAST_ELIGIBLE and b.dtype in _AUTOCAST_ELIGIBLE):
-        dtype = torch.get_autocast_dtype("cpu")
-        a, b = a.to(dtype), b.to(dtype)
+    a, b = autocast_gemm_inputs(a, b)
     _check(a, b)
     if use_kernel(a, _KERNEL_DTYPES):
         return kernel_ops(a).correlation(a, b)
