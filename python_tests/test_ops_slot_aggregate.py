@@ -4,7 +4,7 @@ import torch
 
 import smtc_fast
 from smtc_fast.ops import slot_aggregate, slot_aggregate_reference
-from smtc_fast.testing import assert_close_to_reference, assert_within_reference_error, kernel_ran
+from smtc_fast.testing import assert_close_to_reference, assert_within_reference_error, kernel_ran, require_kernel
 
 from conftest import CUDA_DEVICES, DEVICES
 
@@ -190,7 +190,9 @@ def test_forced_reference_equals_kernel(monkeypatch):
     (dict(logits=torch.randn(2, 3), values=torch.randn(2, 3, 4)), "logits must be 3-D or 4-D"),
     (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 6, 4)), "tokens N"),
     (dict(logits=torch.randn(2, 3, 5), values=torch.randn(3, 5, 4)), "batch B"),
-    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 5, 4).double()), "same dtype"),
+    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 5, 4).double()), "dtype of logits"),
+    (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 5, 4).half()), "dtype of logits"),
+    (dict(logits=torch.randn(2, 3, 5).double(), values=torch.randn(2, 5, 4).bfloat16()), "dtype of logits"),
     (dict(logits=torch.randn(2, 3, 5), values=torch.randn(2, 5, 4), mask=torch.ones(2, 3, 5)), "stage 2"),
     (dict(logits=torch.randn(2, 3, 2, 5), values=torch.randn(2, 5, 4), mask=torch.ones(2, 4, 5)), "mask must have shape"),
     (dict(logits=torch.randn(2, 3, 2, 5), values=torch.randn(2, 5, 4), eps=-1.0), "eps"),
@@ -199,6 +201,69 @@ def test_forced_reference_equals_kernel(monkeypatch):
 def test_bad_input(kwargs, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         slot_aggregate(**kwargs)
+
+
+@pytest.mark.parametrize("op", ["slot_aggregate", "_slot_aggregate_backward"])
+def test_cpp_rejects_bf16_values_with_float64_logits(op):
+    """The C++ boundary (torch.ops directly) repeats the dtype rule: bf16 values come with float32 logits only."""
+    require_kernel("cpu")
+    logits, values = torch.randn(2, 3, 2, 5, dtype=torch.float64), torch.randn(2, 5, 4).bfloat16()
+    args = (logits, values, None, 1e-8)
+    if op == "_slot_aggregate_backward":
+        args = (torch.randn(2, 3, 2, 4, dtype=torch.float64), None, logits, values, None, torch.rand_like(logits), 1e-8)
+    with pytest.raises(RuntimeError, match="bfloat16 with float32 logits"):
+        getattr(torch.ops.smtc_fast, op)(*args)
+
+
+# bf16 values with float32 logits: the values of a bf16 forward (the slot attention's v under --amp). The CPU kernel
+# reads the bf16 directly and widens each one exactly, so its results must be the float32 kernel's on
+# values.float() bit for bit, and the values' gradient that float32 gradient rounded to bf16 (what autograd gives
+# bf16 values that were cast up). D = 48 and 33 have tails past the 16-float vectors; D = 384 is SMTC's.
+BF16_VALUE_CASES = [(4, 16, None, 256, 384), (4, 16, 4, 256, 384), (2, 5, 3, 7 * 9, 33), (3, 7, None, 7 * 9, 48),
+                    (2, 3, 5, 19, 13)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BF16_VALUE_CASES)
+def test_bf16_values_are_computed_on_their_float32_values(device, case):
+    require_kernel(device)
+    logits, values, mask = make(case, device, torch.float32)
+    vb = values.detach().bfloat16().requires_grad_()
+    vf = vb.detach().float().requires_grad_()
+    lf = logits.detach().clone().requires_grad_()
+    with kernel_ran(device, "slot_aggregate", "_slot_aggregate_backward"):
+        u, a = slot_aggregate(logits, vb, mask)
+        gu, ga = torch.randn_like(u), torch.randn_like(a)
+        grads = torch.autograd.grad((u * gu).sum() + (a * ga).sum(), (logits, vb))
+    assert u.dtype == a.dtype == grads[0].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+    uf, af = slot_aggregate(lf, vf, mask)
+    want = torch.autograd.grad((uf * gu).sum() + (af * ga).sum(), (lf, vf))
+    torch.testing.assert_close(u, uf, rtol=0, atol=0)
+    torch.testing.assert_close(a, af, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], want[1].bfloat16(), rtol=0, atol=0)
+    ru, ra = slot_aggregate_reference(logits, vb, mask)  # the reference widens them too
+    assert_close_to_reference(u, ru)
+    assert_close_to_reference(a, ra)
+
+
+def test_bf16_values_under_cpu_autocast_reach_the_kernel_as_bf16(monkeypatch):
+    """Under CPU autocast, `slot_values` keeps bf16 values for the CPU kernel, which computes on them in float32
+    (the float32 reference on the same values); for the reference (SMTC_FAST_FORCE_REFERENCE) it casts them up."""
+    require_kernel("cpu")
+    from smtc_fast.ops.slot_aggregate import slot_values
+
+    logits, values, mask = make((2, 4, 3, 40, 32), "cpu", torch.float32)
+    lb, vb = logits.detach().bfloat16(), values.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert slot_values(vb).dtype == torch.bfloat16
+        with kernel_ran("cpu", "slot_aggregate"):
+            u, _ = slot_aggregate(lb, slot_values(vb), mask)
+        monkeypatch.setenv("SMTC_FAST_FORCE_REFERENCE", "1")
+        assert slot_values(vb).dtype == torch.float32
+    assert u.dtype == torch.float32
+    assert_close_to_reference(u, slot_aggregate_reference(lb.float(), vb.float(), mask)[0])
+    assert slot_values(vb).dtype == torch.bfloat16  # outside autocast: the caller's dtype
 
 
 @pytest.mark.parametrize("device", CUDA_DEVICES)

@@ -11,7 +11,14 @@ inline void check_slot_aggregate_args(const at::Tensor& logits, const at::Tensor
   SMTC_CHECK_DIM(logits, 4);
   SMTC_CHECK_DIM(values, 3);
   SMTC_CHECK_FLOAT(logits);
-  SMTC_CHECK_SAME(logits, values);
+  TORCH_CHECK(logits.device() == values.device(), "logits and values must be on the same device, got ",
+              logits.device(), " and ", values.device());
+  // values may be bf16 with float32 logits (a bf16 forward's values): the kernels compute on their exact float32
+  // values, and the values' gradient is returned in bf16
+  TORCH_CHECK(values.scalar_type() == logits.scalar_type() ||
+                  (values.scalar_type() == at::kBFloat16 && logits.scalar_type() == at::kFloat),
+              "values must have the dtype of logits (or be bfloat16 with float32 logits), got ", values.scalar_type(),
+              " and ", logits.scalar_type());
   SMTC_CHECK_SIZE(values, 0, logits.size(0), "batch B of logits");
   SMTC_CHECK_SIZE(values, 1, logits.size(3), "tokens N of logits");
   if (mask.has_value()) {

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -157,6 +158,29 @@ template <typename T> SMTC_ALWAYS_INLINE typename Vec<T>::type vload(const T* p)
 template <typename T> SMTC_ALWAYS_INLINE void vstore(T* p, const typename Vec<T>::type& v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// The values rows are T, or bf16 (raw bits, with float32 T: the values of a bf16 forward), widened exactly to
+// float32 on load, so that every product and sum is the float32 kernel's on values.float(), bit for bit, from
+// half the bytes (the contractions stream each frame's values from memory: SMTC's stage 2 reads them 3 x 2 times
+// per forward).
+SMTC_ALWAYS_INLINE Vec<float>::type vload_bf16(const uint16_t* p) {
+  typedef uint16_t Half16 __attribute__((vector_size(32)));
+  typedef uint32_t Word16 __attribute__((vector_size(64)));
+  Half16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const Word16 w = __builtin_convertvector(h, Word16) << 16;  // bf16 bits are float32's top 16 bits
+  Vec<float>::type f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+// (selected at the call sites with if constexpr: a template wrapper around vload draws GCC's -Wpsabi note)
+template <typename T> SMTC_ALWAYS_INLINE T value_of(T x) { return x; }
+SMTC_ALWAYS_INLINE float value_of(uint16_t bits) {
+  const uint32_t w = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
 template <typename T> SMTC_ALWAYS_INLINE T vsum(const typename Vec<T>::type& v) {
   T a[Vec<T>::L];
   std::memcpy(a, &v, sizeof(a));
@@ -170,8 +194,8 @@ template <typename T> SMTC_ALWAYS_INLINE T vsum(const typename Vec<T>::type& v) 
 
 // out[r, 0:C*L] = sum_k Wk[k, r] * V[idx[k], 0:C*L] for r < R: Wk (K x R) holds W[r, idx[k]] packed token-major
 // (one token's R weights share a cache line); V and out rows are D apart.
-template <typename T, int R, int C>
-SMTC_ALWAYS_INLINE void gather_gemm_block(const T* Wk, const int32_t* idx, int64_t K, const T* V, int64_t D,
+template <typename T, int R, int C, typename TV>
+SMTC_ALWAYS_INLINE void gather_gemm_block(const T* Wk, const int32_t* idx, int64_t K, const TV* V, int64_t D,
                                           T* out) {
   using V_t = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
@@ -182,14 +206,20 @@ SMTC_ALWAYS_INLINE void gather_gemm_block(const T* Wk, const int32_t* idx, int64
     for (int c = 0; c < C; ++c) acc[r][c] = V_t{};
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = idx[k];
-    const T* v = V + n * D;
+    const TV* v = V + n * D;
     // idx is padded past K with valid tokens (mask_tokens), so this needs no bound check
-    const T* ahead = V + int64_t(idx[k + kPrefetchTokens]) * D;
+    const TV* ahead = V + int64_t(idx[k + kPrefetchTokens]) * D;
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) __builtin_prefetch(ahead + c * L, 0, 3);
     V_t vv[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) vv[c] = vload(v + c * L);
+    for (int c = 0; c < C; ++c) {
+      if constexpr (std::is_same_v<TV, T>) {
+        vv[c] = vload(v + c * L);
+      } else {
+        vv[c] = vload_bf16(v + c * L);
+      }
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const T w = Wk[k * R + r];
@@ -204,23 +234,23 @@ SMTC_ALWAYS_INLINE void gather_gemm_block(const T* Wk, const int32_t* idx, int64
 }
 
 // The last width < L columns of the block above.
-template <typename T, int R>
-SMTC_ALWAYS_INLINE void gather_gemm_tail(const T* Wk, const int32_t* idx, int64_t K, const T* V, int64_t D,
+template <typename T, int R, typename TV>
+SMTC_ALWAYS_INLINE void gather_gemm_tail(const T* Wk, const int32_t* idx, int64_t K, const TV* V, int64_t D,
                                          int64_t width, T* out) {
   T acc[R][Vec<T>::L] = {};
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = idx[k];
     for (int r = 0; r < R; ++r) {
       const T w = Wk[k * R + r];
-      for (int64_t d = 0; d < width; ++d) acc[r][d] += w * V[n * D + d];
+      for (int64_t d = 0; d < width; ++d) acc[r][d] = std::fma(w, value_of(V[n * D + d]), acc[r][d]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int64_t d = 0; d < width; ++d) out[r * D + d] = acc[r][d];
 }
 
-template <typename T, int R>
-SMTC_ALWAYS_INLINE void gather_gemm_rows(const T* W, int64_t ldw, const int32_t* idx, int64_t K, const T* V,
+template <typename T, int R, typename TV>
+SMTC_ALWAYS_INLINE void gather_gemm_rows(const T* W, int64_t ldw, const int32_t* idx, int64_t K, const TV* V,
                                          int64_t D, T* out, T* Wk) {
   constexpr int L = Vec<T>::L;
   for (int64_t k = 0; k < K; ++k)
@@ -233,9 +263,9 @@ SMTC_ALWAYS_INLINE void gather_gemm_rows(const T* W, int64_t ldw, const int32_t*
 
 // updates (P x D) = W[:, idx] (P x K) @ V[idx, :] (K x D); W is one group's attention tile (P x N).
 // Wk: scratch of 4 * N entries.
-template <typename T>
+template <typename T, typename TV>
 SMTC_ALWAYS_INLINE void packed_updates_impl(const T* W, int64_t P, int64_t N, const int32_t* idx, int64_t K,
-                                            const T* V, int64_t D, T* out, T* Wk) {
+                                            const TV* V, int64_t D, T* out, T* Wk) {
   for (int64_t r = 0; r < P; r += 4) {
     const T* w = W + r * N;
     T* o = out + r * D;
@@ -249,21 +279,21 @@ SMTC_ALWAYS_INLINE void packed_updates_impl(const T* W, int64_t P, int64_t N, co
 }
 
 // GW[r, idx[k]] += <GU[r, :], V[idx[k], :]> for r < R and KB tokens idx[0..KB): the path of d_updates into d_attn.
-template <typename T, int R, int KB>
-SMTC_ALWAYS_INLINE void gather_dot_block(const T* GU, const int32_t* idx, const T* V, int64_t D, T* GW,
+template <typename T, int R, int KB, typename TV>
+SMTC_ALWAYS_INLINE void gather_dot_block(const T* GU, const int32_t* idx, const TV* V, int64_t D, T* GW,
                                          int64_t ldg) {
   static_assert(KB <= kPrefetchTokens, "the next block's rows are prefetched from idx[KB..2 KB)");
   using V_t = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
   V_t acc[R][KB];
-  const T* v[KB];
+  const TV* v[KB];
 #pragma GCC unroll 4
   for (int t = 0; t < KB; ++t) v[t] = V + int64_t(idx[t]) * D;
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int t = 0; t < KB; ++t) acc[r][t] = V_t{};
-  const T* ahead[KB];
+  const TV* ahead[KB];
 #pragma GCC unroll 4
   for (int t = 0; t < KB; ++t) ahead[t] = V + int64_t(idx[t + KB]) * D;
   int64_t d = 0;
@@ -274,7 +304,13 @@ SMTC_ALWAYS_INLINE void gather_dot_block(const T* GU, const int32_t* idx, const 
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) g[r] = vload(GU + r * D + d);
 #pragma GCC unroll 4
-    for (int t = 0; t < KB; ++t) x[t] = vload(v[t] + d);
+    for (int t = 0; t < KB; ++t) {
+      if constexpr (std::is_same_v<TV, T>) {
+        x[t] = vload(v[t] + d);
+      } else {
+        x[t] = vload_bf16(v[t] + d);
+      }
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -318,13 +354,14 @@ SMTC_ALWAYS_INLINE void gather_dot_block(const T* GU, const int32_t* idx, const 
 #pragma GCC unroll 4
     for (int t = 0; t < KB; ++t) {
       T s = sums[r][t];
-      for (int64_t e = d; e < D; ++e) s += GU[r * D + e] * v[t][e];
+      // explicit FMAs: the same rounding whichever way GCC vectorises this tail for float or bf16 values
+      for (int64_t e = d; e < D; ++e) s = std::fma(GU[r * D + e], value_of(v[t][e]), s);
       GW[r * ldg + idx[t]] += s;
     }
 }
 
-template <typename T, int R>
-SMTC_ALWAYS_INLINE void gather_dot_rows(const T* GU, const int32_t* idx, int64_t K, const T* V, int64_t D, T* GW,
+template <typename T, int R, typename TV>
+SMTC_ALWAYS_INLINE void gather_dot_rows(const T* GU, const int32_t* idx, int64_t K, const TV* V, int64_t D, T* GW,
                                         int64_t ldg) {
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) gather_dot_block<T, R, 4>(GU, idx + k, V, D, GW, ldg);
@@ -332,8 +369,8 @@ SMTC_ALWAYS_INLINE void gather_dot_rows(const T* GU, const int32_t* idx, int64_t
 }
 
 // GW[:, idx] (P x K) += GU (P x D) @ V[idx, :]^T (D x K).
-template <typename T>
-SMTC_ALWAYS_INLINE void packed_grad_attn_impl(const T* GU, int64_t P, const int32_t* idx, int64_t K, const T* V,
+template <typename T, typename TV>
+SMTC_ALWAYS_INLINE void packed_grad_attn_impl(const T* GU, int64_t P, const int32_t* idx, int64_t K, const TV* V,
                                               int64_t D, T* GW, int64_t N) {
   for (int64_t r = 0; r < P; r += 4) {
     const T* g = GU + r * D;
@@ -409,15 +446,22 @@ SMTC_ALWAYS_INLINE void packed_grad_values_impl(const T* W, int64_t P, int64_t N
   }
 }
 
-#define SMTC_SLOT_PACKED_INSTANTIATE(T)                                                                         \
+// (T, TV): the compute type and the values' storage type (bf16 values as uint16_t bits, with float T)
+#define SMTC_SLOT_VALUES_INSTANTIATE(T, TV)                                                                     \
   SMTC_CPU_CLONES void packed_updates(const T* W, int64_t P, int64_t N, const int32_t* idx, int64_t K,         \
-                                      const T* V, int64_t D, T* out, T* Wk) {                                   \
-    packed_updates_impl<T>(W, P, N, idx, K, V, D, out, Wk);                                                      \
+                                      const TV* V, int64_t D, T* out, T* Wk) {                                  \
+    packed_updates_impl<T, TV>(W, P, N, idx, K, V, D, out, Wk);                                                  \
   }                                                                                                             \
-  SMTC_CPU_CLONES void packed_grad_attn(const T* GU, int64_t P, const int32_t* idx, int64_t K, const T* V,     \
+  SMTC_CPU_CLONES void packed_grad_attn(const T* GU, int64_t P, const int32_t* idx, int64_t K, const TV* V,    \
                                         int64_t D, T* GW, int64_t N) {                                          \
-    packed_grad_attn_impl<T>(GU, P, idx, K, V, D, GW, N);                                                        \
-  }                                                                                                             \
+    packed_grad_attn_impl<T, TV>(GU, P, idx, K, V, D, GW, N);                                                    \
+  }
+
+SMTC_SLOT_VALUES_INSTANTIATE(float, float)
+SMTC_SLOT_VALUES_INSTANTIATE(double, double)
+SMTC_SLOT_VALUES_INSTANTIATE(float, uint16_t)
+
+#define SMTC_SLOT_PACKED_INSTANTIATE(T)                                                                         \
   SMTC_CPU_CLONES void packed_grad_values(const T* W, int64_t P, int64_t N, const int32_t* idx, int64_t K,     \
                                           const T* GU, int64_t D, T* GV) {                                      \
     packed_grad_values_impl<T>(W, P, N, idx, K, GU, D, GV);                                                      \
@@ -450,6 +494,19 @@ template <typename T> int64_t mask_tokens(const T* mask, int64_t N, int32_t* idx
   return K;
 }
 
+// float32 -> bf16 bits, rounded to nearest even as at::BFloat16 (and torch's .to(torch.bfloat16)) round; NaN stays
+// a NaN. The bf16 values' gradient is accumulated in float32 per frame and rounded once, here, as autograd rounds
+// the float32 gradient of values.float() when it reaches bf16 values.
+SMTC_CPU_CLONES void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
+  SMTC_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t w;
+    std::memcpy(&w, x + i, sizeof(w));
+    const uint16_t rounded = static_cast<uint16_t>((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16);
+    out[i] = x[i] != x[i] ? uint16_t(0x7FC0) : rounded;
+  }
+}
+
 // Frames per task of the dynamic schedule (for_chunks): a thread's consecutive frames within a chunk let it
 // prefetch the next frame's values while it computes the current one.
 constexpr int64_t kFramesPerTask = 8;
@@ -466,10 +523,11 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
   auto attn = empty_output(logits.sizes(), logits.options());
   auto updates = empty_output({B, G, P, D}, logits.options());
   if (B * G * P == 0) return {updates, attn};
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "smtc_fast::slot_aggregate (CPU)", [&] {
+  // The kernel for compute type scalar_t (logits') and values stored as *Vp (scalar_t, or bf16 bits with float).
+  auto run = [&](auto compute_type, const auto* Vp) {
+    using scalar_t = decltype(compute_type);
     const scalar_t* Lp = logits.data_ptr<scalar_t>();
     const scalar_t* Mp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* Vp = values.data_ptr<scalar_t>();
     scalar_t* Wp = attn.data_ptr<scalar_t>();
     scalar_t* Up = updates.data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
@@ -481,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
       std::vector<int32_t> idx(N + kPrefetchTokens);
       for (int64_t bg = b0 * G; bg < b1 * G; ++bg) {
         const int64_t b = bg / G;
-        if (b + 1 < b1) prefetch_part(Vp + (b + 1) * N * D, sizeof(scalar_t) * N * D, bg % G, G);
+        if (b + 1 < b1) prefetch_part(Vp + (b + 1) * N * D, sizeof(*Vp) * N * D, bg % G, G);
         const scalar_t* M = Mp ? Mp + bg * N : nullptr;
         scalar_t* W = Wp + bg * P * N;
         forward_tile(Lp + bg * P * N, M, e, P, N, W, scratch.data(), scratch.data() + N);
@@ -489,7 +547,13 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
         packed_updates(W, P, N, idx.data(), K, Vp + b * N * D, D, Up + bg * P * D, scratch.data() + 2 * N);
       }
     });
-  });
+  };
+  if (values.scalar_type() == at::kBFloat16) {  // then logits are float32 (checked)
+    run(float{}, reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()));
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "smtc_fast::slot_aggregate (CPU)",
+                               [&] { run(scalar_t{}, values.data_ptr<scalar_t>()); });
+  }
   return {updates, attn};
 }
 
@@ -509,32 +573,41 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cpu(const at::Tensor&
   if (mask_in.has_value()) mask = mask_in->contiguous();
   if (grad_attn_in.has_value()) grad_attn = grad_attn_in->contiguous();
   auto grad_logits = empty_output(logits.sizes(), logits.options());
-  auto grad_values = empty_output({B, N, D}, logits.options());
+  auto grad_values = empty_output({B, N, D}, values.options());  // values' dtype: bf16 values get a bf16 gradient
   if (grad_values.numel() > 0 && G * P == 0) grad_values.zero_();
   if (B * G * P == 0) return {grad_logits, grad_values};
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "smtc_fast::_slot_aggregate_backward (CPU)", [&] {
+  // The kernel for compute type scalar_t (logits') and values (and their gradient) stored as *Vp: scalar_t, or
+  // bf16 bits with float.
+  auto run = [&](auto compute_type, const auto* Vp, auto* GVp) {
+    using scalar_t = decltype(compute_type);
     const scalar_t* Lp = logits.data_ptr<scalar_t>();
     const scalar_t* Mp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     const scalar_t* Wp = attn.data_ptr<scalar_t>();
-    const scalar_t* Vp = values.data_ptr<scalar_t>();
     const scalar_t* GUp = grad_updates.data_ptr<scalar_t>();
     const scalar_t* GAp = grad_attn.defined() ? grad_attn.data_ptr<scalar_t>() : nullptr;
     scalar_t* GWp = grad_logits.data_ptr<scalar_t>();
-    scalar_t* GVp = grad_values.data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
     // One frame per step: all its groups add into the frame's d_values rows. Per group, over its masked tokens only
     // (the masked attention and its gradient are exactly zero elsewhere):
     //   d_attn[:, idx] = grad_attn + d_updates_g @ values[idx]^T, then the attention backward on the tile,
     //   d_values[idx] += attn_g[:, idx]^T @ d_updates_g.
+    // bf16 values: the frame's d_values rows are summed in a float32 scratch and rounded to bf16 once at its end.
     for_chunks(B, kFramesPerTask, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> scratch(3 * N + P * N);  // column max, 1 / column sum, column dot, softmax (P x N)
       std::vector<int32_t> idx(N + kPrefetchTokens);
+      constexpr bool widened = !std::is_same_v<std::remove_pointer_t<decltype(GVp)>, scalar_t>;
+      aligned_vector<scalar_t> gv_frame(widened ? N * D : 0);
       for (int64_t b = b0; b < b1; ++b) {
-        scalar_t* GV = GVp + b * N * D;
+        scalar_t* GV;
+        if constexpr (widened) {
+          GV = gv_frame.data();
+        } else {
+          GV = GVp + b * N * D;
+        }
         std::fill(GV, GV + N * D, scalar_t(0));
         for (int64_t g = 0; g < G; ++g) {
           const int64_t bg = b * G + g;
-          if (b + 1 < b1) prefetch_part(Vp + (b + 1) * N * D, sizeof(scalar_t) * N * D, g, G);
+          if (b + 1 < b1) prefetch_part(Vp + (b + 1) * N * D, sizeof(*Vp) * N * D, g, G);
           const scalar_t* M = Mp ? Mp + bg * N : nullptr;
           const scalar_t* W = Wp + bg * P * N;
           const scalar_t* GU = GUp + bg * P * D;
@@ -546,13 +619,21 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cpu(const at::Tensor&
           }
           const int64_t K = mask_tokens(M, N, idx.data());
           packed_grad_attn(GU, P, idx.data(), K, Vp + b * N * D, D, GW, N);
-          backward_tile(Lp + bg * P * N, M, W, e, P, N, GW, scratch.data(), scratch.data() + N, scratch.data() + 2 * N,
-                        scratch.data() + 3 * N);
+          backward_tile(Lp + bg * P * N, M, W, e, P, N, GW, scratch.data(), scratch.data() + N,
+                        scratch.data() + 2 * N, scratch.data() + 3 * N);
           packed_grad_values(W, P, N, idx.data(), K, GU, D, GV);
         }
+        if constexpr (widened) round_to_bf16(GV, N * D, GVp + b * N * D);
       }
     });
-  });
+  };
+  if (values.scalar_type() == at::kBFloat16) {  // then logits are float32 (checked)
+    run(float{}, reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(grad_values.data_ptr<at::BFloat16>()));
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "smtc_fast::_slot_aggregate_backward (CPU)",
+                               [&] { run(scalar_t{}, values.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>()); });
+  }
   return {grad_logits, grad_values};
 }
 

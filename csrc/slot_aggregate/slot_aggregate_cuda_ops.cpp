@@ -14,12 +14,13 @@ namespace {
 
 at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor> slot_aggregate_cuda(const at::Tensor& logits_in, const at::Tensor& values,
+std::tuple<at::Tensor, at::Tensor> slot_aggregate_cuda(const at::Tensor& logits_in, const at::Tensor& values_in,
                                                        const c10::optional<at::Tensor>& mask_in, double eps) {
-  check_slot_aggregate_args(logits_in, values, mask_in, eps);
+  check_slot_aggregate_args(logits_in, values_in, mask_in, eps);
   SMTC_CHECK_KERNEL_DEVICE(logits_in);
   const DeviceGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
+  const auto values = values_in.to(logits.scalar_type());  // bf16 values (float32 logits) widened: exact
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), G = logits.size(1), P = logits.size(2), N = logits.size(3);
   const int64_t D = values.size(2);
@@ -34,12 +35,14 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cuda(const at::Tensor& logits_
 
 std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cuda(const at::Tensor& grad_updates_in,
                                                                 const c10::optional<at::Tensor>& grad_attn,
-                                                                const at::Tensor& logits_in, const at::Tensor& values,
+                                                                const at::Tensor& logits_in,
+                                                                const at::Tensor& values_in,
                                                                 const c10::optional<at::Tensor>& mask_in,
                                                                 const at::Tensor& attn_in, double eps) {
-  check_slot_aggregate_backward_args(grad_updates_in, grad_attn, logits_in, values, mask_in, attn_in, eps);
+  check_slot_aggregate_backward_args(grad_updates_in, grad_attn, logits_in, values_in, mask_in, attn_in, eps);
   SMTC_CHECK_KERNEL_DEVICE(logits_in);
   const DeviceGuard guard(logits_in.device());
+  const auto values = values_in.to(logits_in.scalar_type());  // bf16 values widened, as in the forward
   const auto logits = logits_in.contiguous();
   const auto attn = attn_in.contiguous();
   const auto grad_updates = grad_updates_in.contiguous();
@@ -55,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_backward_cuda(const at::Tensor
                             attn.data_ptr(), eps, B, G, P, N, gw.data_ptr(), zd.data_ptr(), current_stream(logits));
   // grad_values[b, n, d] = sum_gp attn[b, gp, n] grad_updates[b, gp, d]
   auto grad_values = at::bmm(attn.view({B, G * P, N}).transpose(1, 2), gu);
-  return {gw, grad_values};
+  return {gw, grad_values.to(values_in.scalar_type())};  // the values' dtype (bf16: rounded once, at the end)
 }
 
 }  // namespace

@@ -15,7 +15,9 @@ Stage 2 (instance slots), `logits` (B, S, P, N), `mask` (B, S, N) or None:
 With mask=None in stage 2, the mask step is skipped and the denominator has no eps (plain slot attention
 over P slots per group).
 
-    values  (B, N, D)  same dtype and device as logits
+    values  (B, N, D)  same dtype and device as logits, or bfloat16 with float32 logits (a bf16 forward's values):
+                       computed on their exact float32 values (the CPU kernel reads the bf16 directly, the
+                       reference and the CUDA kernels widen them); their gradient is bf16
     mask    (B, S, N)  any real or bool tensor; used as a non-negative weight (binary in the official
                        model, the soft semantic probability in its first release); not differentiated.
     returns updates (B, S, D) | (B, S, P, D) and attn with the shape of logits (the normalised weights).
@@ -28,10 +30,17 @@ import torch
 from smtc_fast.ops._common import NAMESPACES, autocast_inputs, check_dim, check_same, check_tensor, kernel_ops, use_kernel
 
 
+def _check_values_dtype(values, logits):
+    if not (values.dtype == logits.dtype or (values.dtype == torch.bfloat16 and logits.dtype == torch.float32)):
+        raise ValueError(f"values must have the dtype of logits (or be bfloat16 with float32 logits), got "
+                         f"{values.dtype} and {logits.dtype}")
+
+
 def _check(logits, values, mask, eps):
     check_tensor("logits", logits, (3, 4))
     check_tensor("values", values, 3)
-    check_same("logits", logits, "values", values)
+    check_same("logits", logits, "values", values, dtype=False)
+    _check_values_dtype(values, logits)
     check_dim("values", values, 0, logits.shape[0], "batch B of logits")
     check_dim("values", values, 1, logits.shape[-1], "tokens N of logits")
     if mask is not None:
@@ -51,6 +60,7 @@ def _check(logits, values, mask, eps):
 def slot_aggregate_reference(logits, values, mask=None, eps=1e-8):
     """Pure-PyTorch reference of `slot_aggregate` (same signature and results); the op's specification."""
     _check(logits, values, mask, eps)
+    values = values.to(logits.dtype)  # bf16 values with float32 logits: their exact float32 values
     if logits.dim() == 3:  # stage 1: (B, S, N)
         attn = logits.softmax(dim=1) + eps
         attn = attn / attn.sum(dim=-1, keepdim=True)
@@ -64,10 +74,27 @@ def slot_aggregate_reference(logits, values, mask=None, eps=1e-8):
     return torch.einsum("bspn,bnd->bspd", attn, values), attn
 
 
+def _kernel_reads_bf16(values):
+    """True when the CPU kernel will serve these bf16 values as they are (not the reference, not the CUDA kernels
+    or their execution tier, which widen them)."""
+    return values.dtype == torch.bfloat16 and use_kernel(values, {"cpu": (torch.bfloat16,), "cuda": ()})
+
+
+def slot_values(values):
+    """`values` as a caller that passes them to many slot_aggregate calls should hold them (SMTC's slot attention:
+    2 x iters calls on one v). Under CPU autocast a bf16 v is kept where the CPU kernel reads bf16 directly (half
+    its bytes; the same results), and is otherwise cast up to float32 once here rather than once per call."""
+    if values.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not _kernel_reads_bf16(values):
+        (values,) = autocast_inputs(values)
+    return values
+
+
 def slot_aggregate(logits, values, mask=None, eps=1e-8):
     """Attention + weighted mean of one slot-attention step (stage 1 or 2, see the module docstring).
-    Under CPU autocast, bf16 inputs run the float32 kernel (float32 results; ops._common.autocast_inputs)."""
-    logits, values = autocast_inputs(logits, values)
+    Under CPU autocast, bf16 inputs run the float32 kernel (float32 results; ops._common.autocast_inputs); bf16
+    values reach the CPU kernel as they are (it computes on their float32 values)."""
+    (logits,) = autocast_inputs(logits)
+    values = slot_values(values)
     _check(logits, values, mask, eps)
     if not use_kernel(logits):
         return slot_aggregate_reference(logits, values, mask, eps)
@@ -94,7 +121,8 @@ def _register(ns):
     def _slot_aggregate_backward_fake(grad_updates, grad_attn, logits, values, mask, attn, eps):
         # the checks of csrc/slot_aggregate/slot_aggregate_check.h: a tensor on another device or of another dtype
         # than logits (a float64 attn, a CPU attn next to CUDA logits) must fail here as it does in the kernels
-        check_same("values", values, "logits", logits)
+        check_same("values", values, "logits", logits, dtype=False)
+        _check_values_dtype(values, logits)
         check_same("attn", attn, "logits", logits)
         check_same("grad_updates", grad_updates, "logits", logits)
         if grad_attn is not None:
