@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from smtc_fast.ops import slot_aggregate
+from smtc_fast.ops.slot_aggregate import slot_values
 
 STAGE2_MASKS = ("logits", "prob", "soft")
 SLOT_UPDATES = ("residual", "gru")
@@ -35,6 +36,26 @@ class _NonReparameterisedNormal(torch.autograd.Function):
     def backward(ctx, grad):
         (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = ctx.mu_meta, ctx.sigma_meta
         return grad.new_zeros(mu_shape, dtype=mu_dtype), grad.new_zeros(sigma_shape, dtype=sigma_dtype), None
+
+
+class _CastForTwo(torch.autograd.Function):
+    """x cast once to `dtype` for two consumers: the k and v projections under autocast, which casts each input of
+    a GEMM it runs in low precision, i.e. x twice (a (B*T, N, D) copy each, ~6 ms at the official batch on the
+    CPU). Backward up-casts each consumer's gradient and sums them in x's dtype, as the two casts' backward did."""
+
+    @staticmethod
+    def forward(x, dtype):
+        y = x.to(dtype)
+        return y, y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.in_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        grads = [g.to(ctx.in_dtype) for g in (grad_a, grad_b) if g is not None]
+        return (grads[0] + grads[1] if len(grads) == 2 else grads[0] if grads else None), None
 
 
 class SlotAttention(nn.Module):
@@ -91,7 +112,15 @@ class SlotAttention(nn.Module):
             slots = self.gru(updates.reshape(-1, self.dim), slots_prev.reshape(-1, self.dim)).reshape(shape)
         else:
             slots = slots_prev + updates
-        return slots + self.mlp(self.norm_pre_ff(slots))
+        # under autocast the MLP's output is bf16: cast up explicitly, as torch's mixed bf16 + float32 add is
+        # twice as slow here as the cast and a float32 add (the same values)
+        return slots + self.mlp(self.norm_pre_ff(slots)).to(slots.dtype)
+
+    def _dots(self, q, k):
+        """q.k^T * scale (B, M, N) for queries q (B, M, D) and keys k (B, N, D), formed as (k q^T)^T: the same dot
+        products, but autograd then gives k its gradient in k's own layout. Formed as q k^T (the einsum), k's
+        gradient came transposed, and each step paid a strided add and a transposing copy of it (B, N, D)."""
+        return (torch.bmm(k, q.transpose(1, 2)) * self.scale).transpose(1, 2).contiguous()
 
     def semantic_mask(self, logits):
         """Stage-2 gate (B, S, N) from the stage-1 logits (B, S, N); never differentiated."""
@@ -113,12 +142,15 @@ class SlotAttention(nn.Module):
         if D != self.dim:
             raise ValueError(f"inputs must have feature dim {self.dim}, got shape {tuple(inputs.shape)}")
         x = self.norm_input(inputs)
-        k = self.project_k(x)  # (B, N, D), shared by both stages
-        v = self.project_v(x)
-        if v.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # slot_aggregate computes in float32 under CPU autocast (ops/_common.autocast_inputs): cast the bf16
-            # values once here rather than in each of its 2 x iters calls (and their backward)
-            v = v.float()
+        x_k = x_v = x
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype == torch.float32:  # autocast's float32 LayerNorm output
+            x_k, x_v = _CastForTwo.apply(x, torch.get_autocast_dtype(device))
+        k = self.project_k(x_k)  # (B, N, D), shared by both stages
+        v = self.project_v(x_v)
+        # Under CPU autocast slot_aggregate computes in float32: v is kept in bf16 where its CPU kernel reads bf16
+        # (the same results from half the bytes), else cast up once here rather than in each of the 2 x iters calls
+        v = slot_values(v)
 
         # Stage 1: deterministic init at mu (the same for every frame).
         mu = self.slots_mu.squeeze(2)  # (1, S, D)
@@ -129,7 +161,7 @@ class SlotAttention(nn.Module):
             # iterations before the last are cut off by the straight-through below: no graph for them
             with torch.set_grad_enabled(grad and t == self.iters - 1):
                 q = self.project_q(self.norm_slots(slots))
-                sem_logits = torch.einsum("bsd,bnd->bsn", q, k) * self.scale  # (B, S, N)
+                sem_logits = self._dots(q, k)  # (B, S, N)
                 updates, _ = slot_aggregate(sem_logits, v, eps=self.eps)
                 slots = self._update(slots, updates)
             if t == self.iters - 2:
@@ -145,7 +177,9 @@ class SlotAttention(nn.Module):
         elif tuple(instance_noise.shape) != (B, S, P, D):
             raise ValueError(f"instance_noise must have shape (B*T, S, P, D) = {(B, S, P, D)}, "
                              f"got {tuple(instance_noise.shape)}")
-        noise = instance_noise.to(inputs.dtype)
+        # in the parameters' dtype: under autocast the official torch.normal(mu, sigma) draw is float32 (rounding
+        # the noise to the bf16 of the inputs was a deviation, and two casts of a (B*T, S, P, D) tensor)
+        noise = instance_noise.to(self.slots_mu.dtype)
         if self.sigma_grad == "zero":
             init = _NonReparameterisedNormal.apply(self.slots_mu, self.slots_sigma, noise)
         else:
@@ -156,7 +190,7 @@ class SlotAttention(nn.Module):
         for t in range(self.iters):
             with torch.set_grad_enabled(grad and t == self.iters - 1):
                 q = self.project_q(self.norm_slots(slots))
-                ins_logits = torch.einsum("bspd,bnd->bspn", q, k) * self.scale  # (B, S, P, N)
+                ins_logits = self._dots(q.reshape(B, S * P, D), k).view(B, S, P, N)
                 updates, _ = slot_aggregate(ins_logits, v, mask=mask, eps=self.eps)
                 slots = self._update(slots, updates)
             if t == self.iters - 2:
