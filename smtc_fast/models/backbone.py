@@ -144,8 +144,9 @@ def _run_block(vit, i, blk, x, rope):
     return blk(x, rope=rope)
 
 
-def last_block_keys(vit, x):
-    """The last block's attention keys for every token, x (N, L, D) -> (N, L, A), A = heads * head_dim.
+def last_block_keys(vit, x, prefix=0):
+    """The last block's attention keys of the tokens after the first `prefix`, x (N, L, D) -> (N, L - prefix, A),
+    A = heads * head_dim.
 
     channel = head * head_dim + d, as the attention splits them. The key bias is part of the key (DINO, DINOv2);
     DINOv3 masks its key bias to zero (official `bias_mask`, timm's fixed-zero `k_bias`), so its keys have none.
@@ -154,18 +155,22 @@ def last_block_keys(vit, x):
     slot attention's dot product slot . R(p) k with the token's absolute position p: a slot could not stand for the
     same thing at two places. Before the rotation the key is the token's content; position reaches it only through
     the earlier blocks, as with a learned table in DINO.
+    Only the key rows of the fused qkv projection are applied, to the kept tokens only (the norm and the projection
+    act per token): the same keys as the key third of qkv(norm1(x)) sliced, a third of that GEMM, and written
+    contiguous, where the slice was a strided view that the head copied twice (SMTC.head, L_sem).
     """
     last = vit.blocks[-1]
     attn = last.attn
     post_norm = "PostNorm" in type(last).__name__ or "ResPost" in type(last).__name__
+    x = x[:, prefix:]
     y = x if post_norm else last.norm1(x)  # post-norm blocks feed x itself to the attention
     if getattr(attn, "qkv", None) is not None:
-        A = attn.qkv.out_features // 3
+        A = attn.qkv.out_features // 3  # qkv channel = which*A + head*head_dim + d: the keys are rows A..2A
         if getattr(attn, "q_bias", None) is not None:  # Eva with separate q/v biases and a fixed-zero k bias
-            qkv = F.linear(y, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+            bias = attn.k_bias
         else:
-            qkv = attn.qkv(y)  # (N, L, 3*A), channel = which*A + head*head_dim + d
-        keys = qkv[..., A:2 * A]
+            bias = None if attn.qkv.bias is None else attn.qkv.bias[A:2 * A]
+        keys = F.linear(y, attn.qkv.weight[A:2 * A], bias)
     else:
         keys = attn.k_proj(y)
     if not isinstance(attn.k_norm, nn.Identity):  # qk-norm models: the key the attention uses is normed per head
@@ -191,7 +196,7 @@ def vit_forward(vit, images, return_tokens=False):
     for i, blk in enumerate(vit.blocks[:-1]):
         x = _run_block(vit, i, blk, x, rope)
     P = vit.num_prefix_tokens
-    keys = last_block_keys(vit, x)[:, P:]  # heads concatenated, prefix tokens dropped
+    keys = last_block_keys(vit, x, prefix=P)  # heads concatenated, prefix tokens dropped
     tokens = _run_block(vit, len(vit.blocks) - 1, vit.blocks[-1], x, rope)[:, P:] if return_tokens else None
     return keys, tokens, (h, w)
 
