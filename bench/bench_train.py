@@ -96,6 +96,7 @@ def measure(args):
         with precision.autocast("cpu", args.amp):  # as smtc_fast.train: the forwards autocast, the losses not
             if head_only:  # SMTC.head, component by component
                 keys_s, grid = cached["s"]
+                keys_s = keys_s.contiguous()  # as SMTC.head does
                 x = student.fuse(keys_s, B, T, grid)
                 t = lap("student fuse (correlation + h_c)", t)
                 slots = student.slot_attention(x, instance_noise=noise)
@@ -130,6 +131,20 @@ def measure(args):
         kt, _, _ = teacher.encode(augment_clips(clips, list(range(B, 2 * B))))
     cached = {"s": (ks.detach(), grid), "t": (kt.detach(), grid)}
 
+    if args.paired:  # head steps, kernels and references alternating in this one process (see main's --paired)
+        times = {"kernels": [], "reference": []}
+        for k in range(args.warmup + args.steps):
+            for side in ("kernels", "reference"):
+                # use_kernel() reads this variable at every call, so the next step takes that side's ops
+                os.environ["SMTC_FAST_FORCE_REFERENCE"] = "1" if side == "reference" else "0"
+                t0 = time.perf_counter()
+                step(True)
+                if k >= args.warmup:
+                    times[side].append(time.perf_counter() - t0)
+        ratios = [r / k for k, r in zip(times["kernels"], times["reference"])]
+        print(json.dumps({"precision": precision.describe("cpu", args.amp), "head_s": times, "ratios": ratios}))
+        return
+
     times = {"full": [], "head": []}
     for k in range(args.warmup + args.steps):
         for mode in (("head",) if args.head_only else ("full", "head")):
@@ -148,6 +163,54 @@ def measure(args):
                       "backbone_s": max(0.0, full - head), "backbone_share": max(0.0, full - head) / full,
                       "head_share": min(1.0, head / full), "all_full_s": times["full"], "all_head_s": times["head"],
                       "head_parts_s": parts}))
+
+
+def paired(args):
+    """--paired: the head step's kernels / references ratio, pair by pair (see the option's help)."""
+    passthrough = ["--head-only", "--paired"]
+    for key in ("backbone", "depth", "resolution", "batch", "frames", "slots", "instances", "steps", "warmup",
+                "threads"):
+        if getattr(args, key) is not None:
+            passthrough += [f"--{key}", str(getattr(args, key))]
+    if not args.keep_cpu_memory:
+        passthrough.append("--no-keep-cpu-memory")
+    precisions = []
+    if {"kernels", "reference"} & set(args.modes):
+        precisions.append("float32")
+    if {"bf16", "reference-bf16"} & set(args.modes):
+        precisions.append("bf16")
+    results = {p: [] for p in precisions}
+    for _ in range(args.rounds):
+        for prec in precisions:
+            env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            amp = ["--amp"] if prec == "bf16" else []
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", *passthrough, *amp],
+                                  env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{prec} run failed:\n{proc.stderr[-3000:]}")
+            results[prec].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    summary = {}
+    print(f"{'precision':<10} {'pairs':>5} {'kernels ms':>11} {'reference ms':>13} {'ratio median':>13} "
+          f"{'min':>6} {'max':>6}  pairs >= 2x")
+    for prec, runs in results.items():
+        ratios = [r for run in runs for r in run["ratios"]]
+        kern = [t for run in runs for t in run["head_s"]["kernels"]]
+        ref = [t for run in runs for t in run["head_s"]["reference"]]
+        summary[prec] = {"pairs": len(ratios), "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                         "ratio_max": max(ratios), "kernels_head_s_median": statistics.median(kern),
+                         "reference_head_s_median": statistics.median(ref),
+                         "pairs_at_least_2x": sum(r >= 2 for r in ratios), "precision": runs[0]["precision"]}
+        s = summary[prec]
+        print(f"{prec:<10} {s['pairs']:5d} {1e3 * s['kernels_head_s_median']:11.1f} "
+              f"{1e3 * s['reference_head_s_median']:13.1f} {s['ratio_median']:13.3f} {s['ratio_min']:6.3f} "
+              f"{s['ratio_max']:6.3f}  {s['pairs_at_least_2x']}/{s['pairs']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(),
+                       "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                       "summary": summary, "runs": results}, f, indent=1)
+        print("wrote", args.json)
 
 
 def main():
@@ -174,11 +237,17 @@ def main():
     parser.add_argument("--keep-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="glibc keeps freed memory mapped, as `smtc train` does on the CPU (smtc_fast/"
                              "cpu_memory.py); --no-keep-cpu-memory measures with glibc's defaults")
+    parser.add_argument("--paired", action="store_true",
+                        help="head step only: per precision, one process per round runs kernel and reference steps "
+                             "alternately and reports the ratio of each adjacent pair (robust to a shared machine's "
+                             "slow phases, which last longer than a step)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
         return measure(args)
+    if args.paired:
+        return paired(args)
 
     passthrough = []
     for key in ("backbone", "depth", "resolution", "batch", "frames", "slots", "instances", "steps", "warmup",
