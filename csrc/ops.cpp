@@ -16,7 +16,9 @@ void define_schemas(torch::Library& m) {
 
   // One slot-attention step for both SMTC stages: logits (B, G, P, N) (softmax over P), values (B, N, D),
   // mask (B, G, N) or None, eps -> updates (B, G, P, D), attn (B, G, P, N). Stage 1 is G = 1, P = S.
-  m.def("slot_aggregate(Tensor logits, Tensor values, Tensor? mask, float eps) -> (Tensor, Tensor)");
+  // residual (B, G, P, D) or None: updates = residual + attn @ values (the slot attention's s + attn.v, one pass).
+  m.def("slot_aggregate(Tensor logits, Tensor values, Tensor? mask, float eps, Tensor? residual=None) -> "
+        "(Tensor, Tensor)");
   m.def(
       "_slot_aggregate_backward(Tensor grad_updates, Tensor? grad_attn, Tensor logits, Tensor values, "
       "Tensor? mask, Tensor attn, float eps) -> (Tensor, Tensor)");

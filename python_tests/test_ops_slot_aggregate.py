@@ -266,6 +266,57 @@ def test_bf16_values_under_cpu_autocast_reach_the_kernel_as_bf16(monkeypatch):
     assert slot_values(vb).dtype == torch.bfloat16  # outside autocast: the caller's dtype
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [(4, 16, None, 256, 48), (4, 16, 4, 256, 48), (2, 5, 3, 7 * 9, 33)])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+def test_residual_is_added_in_the_same_pass(device, case, values_dtype):
+    """residual + attn @ values in one call equals the residual added afterwards, bit for bit (the same float
+    addition), and the residual's gradient is the updates' gradient. SMTC's slot update s + attn.v uses it."""
+    require_kernel(device)
+    logits, values, mask = make(case, device, torch.float32)
+    values = values.detach().to(values_dtype).requires_grad_()
+    B, S, P, N, D = case
+    residual = torch.randn((B, S, D) if P is None else (B, S, P, D), device=device, requires_grad=True)
+    with kernel_ran(device, "slot_aggregate", "_slot_aggregate_backward"):
+        u, a = slot_aggregate(logits, values, mask, residual=residual)
+        gu = torch.randn_like(u)
+        grads = torch.autograd.grad((u * gu).sum(), (logits, values, residual))
+    u0, a0 = slot_aggregate(logits, values, mask)
+    torch.testing.assert_close(u, residual + u0, rtol=0, atol=0)
+    torch.testing.assert_close(a, a0, rtol=0, atol=0)
+    want = torch.autograd.grad((u0 * gu).sum(), (logits, values))
+    torch.testing.assert_close(grads[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], want[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[2], gu, rtol=0, atol=0)
+    ru, _ = slot_aggregate_reference(logits, values, mask, residual=residual)
+    assert_close_to_reference(u, ru)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="extension not built")
+def test_residual_gradcheck_float64():
+    logits, values, mask = make((2, 3, 2, 5, 3), "cpu", torch.float64)
+    residual = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda l, v, r: slot_aggregate(l, v, mask, residual=r), (logits, values, residual))
+    torch.library.opcheck(torch.ops.smtc_fast.slot_aggregate.default, (logits, values, mask, 1e-8, residual))
+
+
+@pytest.mark.parametrize("residual, match", [
+    (torch.randn(2, 3, 2, 5), "residual must have the shape of updates"),
+    (torch.randn(2, 3, 2, 4).double(), "same dtype"),
+    (torch.randint(0, 3, (2, 3, 2, 4)), "floating-point"),
+])
+def test_bad_residual(residual, match):
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        slot_aggregate(torch.randn(2, 3, 2, 5), torch.randn(2, 5, 4), residual=residual)
+
+
+def test_cpp_rejects_bad_residual():
+    require_kernel("cpu")
+    with pytest.raises(RuntimeError, match="residual must have the shape of updates"):
+        torch.ops.smtc_fast.slot_aggregate(torch.randn(2, 3, 2, 5), torch.randn(2, 5, 4), None, 1e-8,
+                                           torch.randn(2, 3, 2, 5))
+
+
 @pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_low_precision_within_policy(device, dtype):

@@ -32,6 +32,17 @@ inline void check_slot_aggregate_args(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
 }
 
+inline void check_slot_aggregate_residual(const at::Tensor& logits, const at::Tensor& values,
+                                          const c10::optional<at::Tensor>& residual) {
+  if (!residual.has_value()) return;
+  const at::Tensor& r = *residual;
+  SMTC_CHECK_SAME(r, logits);
+  TORCH_CHECK(r.dim() == 4 && r.size(0) == logits.size(0) && r.size(1) == logits.size(1) &&
+                  r.size(2) == logits.size(2) && r.size(3) == values.size(2),
+              "residual must have the shape of updates (B, G, P, D) = (", logits.size(0), ", ", logits.size(1), ", ",
+              logits.size(2), ", ", values.size(2), "), got ", r.sizes());
+}
+
 inline void check_slot_aggregate_backward_args(const at::Tensor& grad_updates,
                                                const c10::optional<at::Tensor>& grad_attn_opt,
                                                const at::Tensor& logits, const at::Tensor& values,

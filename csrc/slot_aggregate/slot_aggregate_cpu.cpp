@@ -196,7 +196,7 @@ template <typename T> SMTC_ALWAYS_INLINE T vsum(const typename Vec<T>::type& v) 
 // (one token's R weights share a cache line); V and out rows are D apart.
 template <typename T, int R, int C, typename TV>
 SMTC_ALWAYS_INLINE void gather_gemm_block(const T* Wk, const int32_t* idx, int64_t K, const TV* V, int64_t D,
-                                          T* out) {
+                                          const T* res, T* out) {
   using V_t = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
   V_t acc[R][C];
@@ -227,16 +227,17 @@ SMTC_ALWAYS_INLINE void gather_gemm_block(const T* Wk, const int32_t* idx, int64
       for (int c = 0; c < C; ++c) acc[r][c] += w * vv[c];
     }
   }
+  // res (the rows' residual, or null): out = res + acc, the one float addition of `residual + attn @ values`
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) vstore(out + r * D + c * L, acc[r][c]);
+    for (int c = 0; c < C; ++c) vstore(out + r * D + c * L, res ? vload(res + r * D + c * L) + acc[r][c] : acc[r][c]);
 }
 
 // The last width < L columns of the block above.
 template <typename T, int R, typename TV>
 SMTC_ALWAYS_INLINE void gather_gemm_tail(const T* Wk, const int32_t* idx, int64_t K, const TV* V, int64_t D,
-                                         int64_t width, T* out) {
+                                         int64_t width, const T* res, T* out) {
   T acc[R][Vec<T>::L] = {};
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = idx[k];
@@ -246,34 +247,36 @@ SMTC_ALWAYS_INLINE void gather_gemm_tail(const T* Wk, const int32_t* idx, int64_
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int64_t d = 0; d < width; ++d) out[r * D + d] = acc[r][d];
+    for (int64_t d = 0; d < width; ++d) out[r * D + d] = res ? res[r * D + d] + acc[r][d] : acc[r][d];
 }
 
 template <typename T, int R, typename TV>
 SMTC_ALWAYS_INLINE void gather_gemm_rows(const T* W, int64_t ldw, const int32_t* idx, int64_t K, const TV* V,
-                                         int64_t D, T* out, T* Wk) {
+                                         int64_t D, const T* res, T* out, T* Wk) {
   constexpr int L = Vec<T>::L;
   for (int64_t k = 0; k < K; ++k)
     for (int r = 0; r < R; ++r) Wk[k * R + r] = W[r * ldw + idx[k]];
   int64_t d = 0;
-  for (; d + 4 * L <= D; d += 4 * L) gather_gemm_block<T, R, 4>(Wk, idx, K, V + d, D, out + d);
-  for (; d + L <= D; d += L) gather_gemm_block<T, R, 1>(Wk, idx, K, V + d, D, out + d);
-  if (d < D) gather_gemm_tail<T, R>(Wk, idx, K, V + d, D, D - d, out + d);
+  const auto at = [&](int64_t d) { return res ? res + d : nullptr; };
+  for (; d + 4 * L <= D; d += 4 * L) gather_gemm_block<T, R, 4>(Wk, idx, K, V + d, D, at(d), out + d);
+  for (; d + L <= D; d += L) gather_gemm_block<T, R, 1>(Wk, idx, K, V + d, D, at(d), out + d);
+  if (d < D) gather_gemm_tail<T, R>(Wk, idx, K, V + d, D, D - d, at(d), out + d);
 }
 
-// updates (P x D) = W[:, idx] (P x K) @ V[idx, :] (K x D); W is one group's attention tile (P x N).
-// Wk: scratch of 4 * N entries.
+// updates (P x D) = res + W[:, idx] (P x K) @ V[idx, :] (K x D); W is one group's attention tile (P x N), res the
+// residual rows (P x D) or null. Wk: scratch of 4 * N entries.
 template <typename T, typename TV>
 SMTC_ALWAYS_INLINE void packed_updates_impl(const T* W, int64_t P, int64_t N, const int32_t* idx, int64_t K,
-                                            const TV* V, int64_t D, T* out, T* Wk) {
+                                            const TV* V, int64_t D, const T* res, T* out, T* Wk) {
   for (int64_t r = 0; r < P; r += 4) {
     const T* w = W + r * N;
+    const T* rr = res ? res + r * D : nullptr;
     T* o = out + r * D;
     switch (std::min<int64_t>(4, P - r)) {
-      case 4: gather_gemm_rows<T, 4>(w, N, idx, K, V, D, o, Wk); break;
-      case 3: gather_gemm_rows<T, 3>(w, N, idx, K, V, D, o, Wk); break;
-      case 2: gather_gemm_rows<T, 2>(w, N, idx, K, V, D, o, Wk); break;
-      default: gather_gemm_rows<T, 1>(w, N, idx, K, V, D, o, Wk); break;
+      case 4: gather_gemm_rows<T, 4>(w, N, idx, K, V, D, rr, o, Wk); break;
+      case 3: gather_gemm_rows<T, 3>(w, N, idx, K, V, D, rr, o, Wk); break;
+      case 2: gather_gemm_rows<T, 2>(w, N, idx, K, V, D, rr, o, Wk); break;
+      default: gather_gemm_rows<T, 1>(w, N, idx, K, V, D, rr, o, Wk); break;
     }
   }
 }
@@ -449,8 +452,8 @@ SMTC_ALWAYS_INLINE void packed_grad_values_impl(const T* W, int64_t P, int64_t N
 // (T, TV): the compute type and the values' storage type (bf16 values as uint16_t bits, with float T)
 #define SMTC_SLOT_VALUES_INSTANTIATE(T, TV)                                                                     \
   SMTC_CPU_CLONES void packed_updates(const T* W, int64_t P, int64_t N, const int32_t* idx, int64_t K,         \
-                                      const TV* V, int64_t D, T* out, T* Wk) {                                  \
-    packed_updates_impl<T, TV>(W, P, N, idx, K, V, D, out, Wk);                                                  \
+                                      const TV* V, int64_t D, const T* res, T* out, T* Wk) {                    \
+    packed_updates_impl<T, TV>(W, P, N, idx, K, V, D, res, out, Wk);                                             \
   }                                                                                                             \
   SMTC_CPU_CLONES void packed_grad_attn(const T* GU, int64_t P, const int32_t* idx, int64_t K, const TV* V,    \
                                         int64_t D, T* GW, int64_t N) {                                          \
@@ -512,14 +515,17 @@ SMTC_CPU_CLONES void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
 constexpr int64_t kFramesPerTask = 8;
 
 std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_in, const at::Tensor& values_in,
-                                                      const c10::optional<at::Tensor>& mask_in, double eps) {
+                                                      const c10::optional<at::Tensor>& mask_in, double eps,
+                                                      const c10::optional<at::Tensor>& residual_in) {
   check_slot_aggregate_args(logits_in, values_in, mask_in, eps);
+  check_slot_aggregate_residual(logits_in, values_in, residual_in);
   const auto logits = logits_in.contiguous();
   const auto values = values_in.contiguous();
   const int64_t B = logits.size(0), G = logits.size(1), P = logits.size(2), N = logits.size(3);
   const int64_t D = values.size(2);
-  at::Tensor mask;
+  at::Tensor mask, residual;
   if (mask_in.has_value()) mask = mask_in->contiguous();
+  if (residual_in.has_value()) residual = residual_in->contiguous();
   auto attn = empty_output(logits.sizes(), logits.options());
   auto updates = empty_output({B, G, P, D}, logits.options());
   if (B * G * P == 0) return {updates, attn};
@@ -530,6 +536,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
     const scalar_t* Mp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     scalar_t* Wp = attn.data_ptr<scalar_t>();
     scalar_t* Up = updates.data_ptr<scalar_t>();
+    const scalar_t* Rp = residual.defined() ? residual.data_ptr<scalar_t>() : nullptr;
     const scalar_t e = static_cast<scalar_t>(eps);
     // One (frame, group) tile per step: the attention (P x N), then updates_g = attn_g[:, idx] @ values[idx] over
     // the group's masked tokens (all N without a mask) while the tile is still in L1. A thread walks the groups of
@@ -544,7 +551,8 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cpu(const at::Tensor& logits_i
         scalar_t* W = Wp + bg * P * N;
         forward_tile(Lp + bg * P * N, M, e, P, N, W, scratch.data(), scratch.data() + N);
         const int64_t K = mask_tokens(M, N, idx.data());
-        packed_updates(W, P, N, idx.data(), K, Vp + b * N * D, D, Up + bg * P * D, scratch.data() + 2 * N);
+        packed_updates(W, P, N, idx.data(), K, Vp + b * N * D, D, Rp ? Rp + bg * P * D : nullptr, Up + bg * P * D,
+                       scratch.data() + 2 * N);
       }
     });
   };

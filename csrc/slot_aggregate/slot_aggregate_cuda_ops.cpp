@@ -15,8 +15,10 @@ namespace {
 at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> slot_aggregate_cuda(const at::Tensor& logits_in, const at::Tensor& values_in,
-                                                       const c10::optional<at::Tensor>& mask_in, double eps) {
+                                                       const c10::optional<at::Tensor>& mask_in, double eps,
+                                                       const c10::optional<at::Tensor>& residual) {
   check_slot_aggregate_args(logits_in, values_in, mask_in, eps);
+  check_slot_aggregate_residual(logits_in, values_in, residual);
   SMTC_CHECK_KERNEL_DEVICE(logits_in);
   const DeviceGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
@@ -30,6 +32,7 @@ std::tuple<at::Tensor, at::Tensor> slot_aggregate_cuda(const at::Tensor& logits_
                            B, G, P, N, attn.data_ptr(), z.data_ptr(), current_stream(logits));
   // updates[b, gp, d] = sum_n attn[b, gp, n] values[b, n, d]
   auto updates = at::bmm(attn.view({B, G * P, N}), values).view({B, G, P, D});
+  if (residual.has_value()) updates.add_(*residual);  // residual + attn @ values: one float addition per entry
   return {updates, attn};
 }
 

@@ -106,12 +106,14 @@ class SlotAttention(nn.Module):
         if slot_update == "gru":
             self.gru = nn.GRUCell(dim, dim)
 
-    def _update(self, slots_prev, updates):
+    def _update(self, slots_prev, logits, v, mask=None):
+        """One slot update from the step's logits: s + attn.v (official) or GRU(attn.v, s), then + MLP."""
         if self.slot_update == "gru":
+            updates, _ = slot_aggregate(logits, v, mask=mask, eps=self.eps)
             shape = slots_prev.shape
             slots = self.gru(updates.reshape(-1, self.dim), slots_prev.reshape(-1, self.dim)).reshape(shape)
-        else:
-            slots = slots_prev + updates
+        else:  # s + attn.v in the op's one pass (its residual), the same float addition
+            slots, _ = slot_aggregate(logits, v, mask=mask, eps=self.eps, residual=slots_prev)
         # under autocast the MLP's output is bf16: cast up explicitly, as torch's mixed bf16 + float32 add is
         # twice as slow here as the cast and a float32 add (the same values)
         return slots + self.mlp(self.norm_pre_ff(slots)).to(slots.dtype)
@@ -162,8 +164,7 @@ class SlotAttention(nn.Module):
             with torch.set_grad_enabled(grad and t == self.iters - 1):
                 q = self.project_q(self.norm_slots(slots))
                 sem_logits = self._dots(q, k)  # (B, S, N)
-                updates, _ = slot_aggregate(sem_logits, v, eps=self.eps)
-                slots = self._update(slots, updates)
+                slots = self._update(slots, sem_logits, v)
             if t == self.iters - 2:
                 # Straight-through fixed point (spec §1.3): only the last iteration is backpropagated; the earlier
                 # ones pass an identity gradient to the initialisation.
@@ -191,8 +192,7 @@ class SlotAttention(nn.Module):
             with torch.set_grad_enabled(grad and t == self.iters - 1):
                 q = self.project_q(self.norm_slots(slots))
                 ins_logits = self._dots(q.reshape(B, S * P, D), k).view(B, S, P, N)
-                updates, _ = slot_aggregate(ins_logits, v, mask=mask, eps=self.eps)
-                slots = self._update(slots, updates)
+                slots = self._update(slots, ins_logits, v, mask)
             if t == self.iters - 2:
                 slots = slots.detach() - init.detach() + init
         return {"semantic_slots": semantic_slots, "semantic_logits": sem_logits,
