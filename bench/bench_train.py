@@ -3,6 +3,7 @@
 
     python bench/bench_train.py --json bench_out/bench_train.json
     python bench/bench_train.py --resolution 256 --batch 32 --steps 2 --warmup 1 --rounds 1 --modes kernels bf16
+    python bench/bench_train.py --resolution 256 --batch 32 --paired --steps 6 --warmup 1 --modes kernels bf16
 
 One "step" is what smtc_fast.train does per iteration: two augmented views, student forward (train mode) and
 teacher forward (no grad), L_sem + L_reg + L_obj, backward, AdamW, EMA. Each mode runs in its own subprocess
@@ -13,6 +14,9 @@ Like the trainer on the CPU, every mode keeps freed memory mapped (smtc_fast/cpu
 measures with glibc's defaults, where the large tensors are page-faulted in again at every step.
 The head share is measured by running the same step with the backbone keys precomputed (no encoder forward or
 backward): head = that time, backbone = full step - head.
+--paired times the head step only, kernels and references alternating step by step in one process per precision
+(use_kernel reads SMTC_FAST_FORCE_REFERENCE at every call), and reports the ratio of each adjacent pair: a shared
+machine's slow phases last longer than a step, so they hit both sides of a pair alike.
 """
 import argparse
 import json
