@@ -100,7 +100,7 @@ class SMTC(nn.Module):
         under autocast, where both are sums in the autocast dtype. The values equal the official conv up to float
         rounding."""
         h, w = grid
-        keys = keys.contiguous()  # the ViT's keys are a strided slice (prefix tokens dropped): copy them once
+        keys = keys.contiguous()  # (a no-op for the ViT's keys; a caller's strided keys are copied once here)
         BT, n, D = keys.shape
         ref = keys
         if (h, w) != self.train_grid:  # only the reference is resized, so h_c's in-dim stays n_train

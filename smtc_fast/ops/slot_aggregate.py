@@ -24,7 +24,7 @@ over P slots per group).
                        in the same pass (the same float addition as adding afterwards; differentiable)
     returns updates (B, S, D) | (B, S, P, D) and attn with the shape of logits (the normalised weights).
 
-Differentiable w.r.t. logits and values. The order of operations (softmax, +eps, *mask, sum, +eps,
+Differentiable w.r.t. logits, values and residual. The order of operations (softmax, +eps, *mask, sum, +eps,
 divide) is the official one, so the reference matches it bit for bit in float64.
 """
 import torch
