@@ -38,26 +38,6 @@ class _NonReparameterisedNormal(torch.autograd.Function):
         return grad.new_zeros(mu_shape, dtype=mu_dtype), grad.new_zeros(sigma_shape, dtype=sigma_dtype), None
 
 
-class _CastForTwo(torch.autograd.Function):
-    """x cast once to `dtype` for two consumers: the k and v projections under autocast, which casts each input of
-    a GEMM it runs in low precision, i.e. x twice (a (B*T, N, D) copy each, ~6 ms at the official batch on the
-    CPU). Backward up-casts each consumer's gradient and sums them in x's dtype, as the two casts' backward did."""
-
-    @staticmethod
-    def forward(x, dtype):
-        y = x.to(dtype)
-        return y, y.view_as(y)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.in_dtype = inputs[0].dtype
-
-    @staticmethod
-    def backward(ctx, grad_a, grad_b):
-        grads = [g.to(ctx.in_dtype) for g in (grad_a, grad_b) if g is not None]
-        return (grads[0] + grads[1] if len(grads) == 2 else grads[0] if grads else None), None
-
-
 class SlotAttention(nn.Module):
     """Two-stage masked slot attention. Parameter names follow the official checkpoint (spec §6).
 
@@ -143,13 +123,11 @@ class SlotAttention(nn.Module):
         S, P = self.num_slots, self.num_instances
         if D != self.dim:
             raise ValueError(f"inputs must have feature dim {self.dim}, got shape {tuple(inputs.shape)}")
+        # (under autocast a bf16 input gives a bf16 LayerNorm output: autocast runs layer_norm in its input's dtype
+        # on the CPU, with float32 statistics, so k and v need no cast of x)
         x = self.norm_input(inputs)
-        x_k = x_v = x
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and x.dtype == torch.float32:  # autocast's float32 LayerNorm output
-            x_k, x_v = _CastForTwo.apply(x, torch.get_autocast_dtype(device))
-        k = self.project_k(x_k)  # (B, N, D), shared by both stages
-        v = self.project_v(x_v)
+        k = self.project_k(x)  # (B, N, D), shared by both stages
+        v = self.project_v(x)
         # Under CPU autocast slot_aggregate computes in float32: v is kept in bf16 where its CPU kernel reads bf16
         # (the same results from half the bytes), else cast up once here rather than in each of the 2 x iters calls
         v = slot_values(v)
