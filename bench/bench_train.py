@@ -169,15 +169,42 @@ def measure(args):
                       "head_parts_s": parts}))
 
 
-def paired(args):
-    """--paired: the head step's kernels / references ratio, pair by pair (see the option's help)."""
-    passthrough = ["--head-only", "--paired"]
+def passthrough(args):
+    """The measuring subprocess's arguments: the shape and timing options as given."""
+    out = []
     for key in ("backbone", "depth", "resolution", "batch", "frames", "slots", "instances", "steps", "warmup",
                 "threads"):
         if getattr(args, key) is not None:
-            passthrough += [f"--{key}", str(getattr(args, key))]
+            out += [f"--{key}", str(getattr(args, key))]
     if not args.keep_cpu_memory:
-        passthrough.append("--no-keep-cpu-memory")
+        out.append("--no-keep-cpu-memory")
+    return out
+
+
+def run_measure(label, extra, force_reference=None):
+    """One measuring subprocess (this script with --_measure and `extra`) -> its JSON line."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if force_reference is not None:
+        env["SMTC_FAST_FORCE_REFERENCE"] = "1" if force_reference else "0"
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", *extra], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{label} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_json(args, summary, runs):
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(),
+                       "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                       "summary": summary, "runs": runs}, f, indent=1)
+        print("wrote", args.json)
+
+
+def paired(args):
+    """--paired: the head step's kernels / references ratio, pair by pair (see the option's help)."""
     precisions = []
     if {"kernels", "reference"} & set(args.modes):
         precisions.append("float32")
@@ -186,13 +213,8 @@ def paired(args):
     results = {p: [] for p in precisions}
     for _ in range(args.rounds):
         for prec in precisions:
-            env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
             amp = ["--amp"] if prec == "bf16" else []
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", *passthrough, *amp],
-                                  env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{prec} run failed:\n{proc.stderr[-3000:]}")
-            results[prec].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            results[prec].append(run_measure(prec, [*passthrough(args), "--head-only", "--paired", *amp]))
     summary = {}
     print(f"{'precision':<10} {'pairs':>5} {'kernels ms':>11} {'reference ms':>13} {'ratio median':>13} "
           f"{'min':>6} {'max':>6}  pairs >= 2x")
@@ -208,13 +230,7 @@ def paired(args):
         print(f"{prec:<10} {s['pairs']:5d} {1e3 * s['kernels_head_s_median']:11.1f} "
               f"{1e3 * s['reference_head_s_median']:13.1f} {s['ratio_median']:13.3f} {s['ratio_min']:6.3f} "
               f"{s['ratio_max']:6.3f}  {s['pairs_at_least_2x']}/{s['pairs']}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(),
-                       "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                       "summary": summary, "runs": results}, f, indent=1)
-        print("wrote", args.json)
+    write_json(args, summary, results)
 
 
 def main():
@@ -253,26 +269,12 @@ def main():
     if args.paired:
         return paired(args)
 
-    passthrough = []
-    for key in ("backbone", "depth", "resolution", "batch", "frames", "slots", "instances", "steps", "warmup",
-                "threads"):
-        if getattr(args, key) is not None:
-            passthrough += [f"--{key}", str(getattr(args, key))]
-    if not args.keep_cpu_memory:
-        passthrough.append("--no-keep-cpu-memory")
-    if args.head_only:
-        passthrough.append("--head-only")
+    extra = passthrough(args) + (["--head-only"] if args.head_only else [])
     results = {mode: [] for mode in args.modes}
     for _ in range(args.rounds):
         for mode in args.modes:
-            env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            env["SMTC_FAST_FORCE_REFERENCE"] = "1" if mode.startswith("reference") else "0"
             amp = ["--amp"] if mode.endswith("bf16") else []
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", *passthrough, *amp],
-                                  env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-            results[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            results[mode].append(run_measure(mode, [*extra, *amp], force_reference=mode.startswith("reference")))
     summary = {}
     for mode, runs in results.items():
         summary[mode] = {k: statistics.median(r[k] for r in runs)
@@ -287,9 +289,6 @@ def main():
         if slow in summary and fast in summary:
             for part in ("step", "head"):
                 summary[f"{slow}_over_{fast}_{part}"] = summary[slow][f"{part}_s"] / summary[fast][f"{part}_s"]
-    out = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-           "summary": summary, "runs": results}
-
     print(f"{'mode':<15} {'step ms':>9} {'head ms':>9} {'backbone %':>11} {'head %':>7}  kernels  precision")
     for mode in args.modes:
         s = summary[mode]
@@ -305,11 +304,7 @@ def main():
     for name in summary[args.modes[0]]["head_parts_s"]:
         print(f"{name:<34}" + "".join(f"{1e3 * summary[m]['head_parts_s'][name]:15.1f}" for m in args.modes))
     print(f"{'sum':<34}" + "".join(f"{1e3 * sum(summary[m]['head_parts_s'].values()):15.1f}" for m in args.modes))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print("wrote", args.json)
+    write_json(args, summary, results)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <vector>
 #if defined(__linux__)
@@ -78,6 +79,18 @@ template <typename T> using aligned_vector = std::vector<T, CacheLineAllocator<T
 template <typename T> constexpr int64_t padded(int64_t n) {
   constexpr int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
   return (n + per_line - 1) / per_line * per_line;
+}
+
+// A stored input's value as the kernels compute on it: float/double as stored; bf16 (its raw bits, uint16_t) widened
+// exactly to float, of which it is the top 16 bits. For the bf16 tensors of a bf16 forward that the float32 kernels
+// read directly (transport_loss's keys, slot_aggregate's values).
+inline float stored_value(float x) { return x; }
+inline double stored_value(double x) { return x; }
+inline float stored_value(uint16_t bits) {
+  const uint32_t u = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
 }  // namespace smtc

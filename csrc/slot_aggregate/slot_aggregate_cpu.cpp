@@ -173,13 +173,6 @@ SMTC_ALWAYS_INLINE Vec<float>::type vload_bf16(const uint16_t* p) {
   return f;
 }
 // (selected at the call sites with if constexpr: a template wrapper around vload draws GCC's -Wpsabi note)
-template <typename T> SMTC_ALWAYS_INLINE T value_of(T x) { return x; }
-SMTC_ALWAYS_INLINE float value_of(uint16_t bits) {
-  const uint32_t w = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
 
 template <typename T> SMTC_ALWAYS_INLINE T vsum(const typename Vec<T>::type& v) {
   T a[Vec<T>::L];
@@ -243,7 +236,7 @@ SMTC_ALWAYS_INLINE void gather_gemm_tail(const T* Wk, const int32_t* idx, int64_
     const int64_t n = idx[k];
     for (int r = 0; r < R; ++r) {
       const T w = Wk[k * R + r];
-      for (int64_t d = 0; d < width; ++d) acc[r][d] = std::fma(w, value_of(V[n * D + d]), acc[r][d]);
+      for (int64_t d = 0; d < width; ++d) acc[r][d] = std::fma(w, stored_value(V[n * D + d]), acc[r][d]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -358,7 +351,7 @@ SMTC_ALWAYS_INLINE void gather_dot_block(const T* GU, const int32_t* idx, const 
     for (int t = 0; t < KB; ++t) {
       T s = sums[r][t];
       // explicit FMAs: the same rounding whichever way GCC vectorises this tail for float or bf16 values
-      for (int64_t e = d; e < D; ++e) s = std::fma(GU[r * D + e], value_of(v[t][e]), s);
+      for (int64_t e = d; e < D; ++e) s = std::fma(GU[r * D + e], stored_value(v[t][e]), s);
       GW[r * ldg + idx[t]] += s;
     }
 }

@@ -58,16 +58,6 @@ template <typename T> struct Pair {
   T* q_j;
 };
 
-// A key's value: float/double as stored; bf16 (raw bits) widened exactly to float (its top 16 bits).
-inline float key_value(float x) { return x; }
-inline double key_value(double x) { return x; }
-inline float key_value(uint16_t bits) {
-  const uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // Per frame, one pass over its keys (n, D): the inverse L2 norms and the marginal (spec §2.1: mu[a] =
 // ||f_hat[a]||_1 = ||x_a||_1 / max(||x_a||_2, 1e-12), renormalised to sum 1; or uniform 1/n).
 template <typename T, typename K>
@@ -78,7 +68,7 @@ SMTC_ALWAYS_INLINE void frame_stats_impl(const K* x, int64_t n, int64_t D, bool 
     T s2 = T(0), s1 = T(0);
     SMTC_SIMD_SUM2(s2, s1)
     for (int64_t k = 0; k < D; ++k) {
-      const T v = key_value(row[k]);
+      const T v = stored_value(row[k]);
       s2 += v * v;
       s1 += std::abs(v);
     }
@@ -264,7 +254,7 @@ template <typename T> void log_domain_pair(const Pair<T>& p, T eps, int64_t iter
       T dot = T(0);
       if (p.key_i_bf16 != nullptr) {
         for (int64_t k = 0; k < D; ++k) {
-          dot += key_value(p.key_i_bf16[a * D + k]) * key_value(p.key_j_bf16[b * D + k]);
+          dot += stored_value(p.key_i_bf16[a * D + k]) * stored_value(p.key_j_bf16[b * D + k]);
         }
       } else {
         for (int64_t k = 0; k < D; ++k) dot += p.key_i[a * D + k] * p.key_j[b * D + k];

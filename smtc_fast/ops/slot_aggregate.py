@@ -84,18 +84,14 @@ def slot_aggregate_reference(logits, values, mask=None, eps=1e-8, residual=None)
     return (updates if residual is None else residual + updates), attn
 
 
-def _kernel_reads_bf16(values):
-    """True when the CPU kernel will serve these bf16 values as they are (not the reference, not the CUDA kernels
-    or their execution tier, which widen them)."""
-    return values.dtype == torch.bfloat16 and use_kernel(values, {"cpu": (torch.bfloat16,), "cuda": ()})
-
-
 def slot_values(values):
     """`values` as a caller that passes them to many slot_aggregate calls should hold them (SMTC's slot attention:
     2 x iters calls on one v). Under CPU autocast a bf16 v is kept where the CPU kernel reads bf16 directly (half
-    its bytes; the same results), and is otherwise cast up to float32 once here rather than once per call."""
-    if values.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not _kernel_reads_bf16(values):
-        (values,) = autocast_inputs(values)
+    its bytes; the same results), and is otherwise cast up to float32 once here rather than once per call (the
+    reference, and the CUDA kernels' execution tier, which widen it)."""
+    if values.dtype == torch.bfloat16 and use_kernel(values, {"cpu": (torch.bfloat16,), "cuda": ()}):
+        return values
+    (values,) = autocast_inputs(values)
     return values
 
 
@@ -153,7 +149,8 @@ def _register(ns):
 
     def _backward(ctx, grad_updates, grad_attn):
         logits, values, mask, attn = ctx.saved_tensors
-        grad_updates_was_none = grad_updates is None
+        # updates = residual + attn @ values: the residual's gradient is the updates' (None when nothing used them)
+        grad_residual = grad_updates if ctx.has_residual else None
         if grad_updates is None:
             grad_updates = torch.zeros((*attn.shape[:3], values.shape[2]), dtype=attn.dtype, device=attn.device)
         if grad_attn is not None:
@@ -161,8 +158,6 @@ def _register(ns):
         # grad_attn None (only the updates are used, as in SMTC): the kernel skips that term, no zero tensor
         grad_logits, grad_values = ops._slot_aggregate_backward(
             grad_updates.contiguous(), grad_attn, logits, values, mask, attn, ctx.eps)
-        # updates = residual + attn @ values: the residual's gradient is the updates' (None when nothing used them)
-        grad_residual = grad_updates if ctx.has_residual and not grad_updates_was_none else None
         return grad_logits, grad_values, None, None, grad_residual
 
     torch.library.register_autograd(f"{ns}::slot_aggregate", _backward, setup_context=_setup_context)
