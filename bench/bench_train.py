@@ -4,6 +4,7 @@
     python bench/bench_train.py --json bench_out/bench_train.json
     python bench/bench_train.py --resolution 256 --batch 32 --steps 2 --warmup 1 --rounds 1 --modes kernels bf16
     python bench/bench_train.py --resolution 256 --batch 32 --paired --steps 6 --warmup 1 --modes kernels bf16
+    python bench/bench_train.py --paired --test-shapes --steps 16 --warmup 3 --modes kernels bf16
 
 One "step" is what smtc_fast.train does per iteration: two augmented views, student forward (train mode) and
 teacher forward (no grad), L_sem + L_reg + L_obj, backward, AdamW, EMA. Each mode runs in its own subprocess
@@ -16,7 +17,10 @@ The head share is measured by running the same step with the backbone keys preco
 backward): head = that time, backbone = full step - head.
 --paired times the head step only, kernels and references alternating step by step in one process per precision
 (use_kernel reads SMTC_FAST_FORCE_REFERENCE at every call), and reports the ratio of each adjacent pair: a shared
-machine's slow phases last longer than a step, so they hit both sides of a pair alike.
+machine's slow phases last longer than a step, so they hit both sides of a pair alike. Which side goes first
+alternates. It also reports the smtc_fast operators' share of the kernels' step and the ceiling it implies: the
+time outside them is the same code on both sides, so reference / (kernels' step - ops) bounds the ratio any kernel
+work can reach. --test-shapes repeats it at each model shape the tests use (TEST_SHAPES).
 """
 import argparse
 import json
@@ -70,7 +74,7 @@ def measure(args):
     torch.manual_seed(0)
     H = W = args.resolution
     cfg = SMTCConfig(backbone=args.backbone, resolution=(H, W), num_slots=args.slots, num_instances=args.instances,
-                     depth=args.depth)
+                     depth=args.depth, patch_size=args.patch_size, img_size=args.img_size)
     student = SMTC(cfg).train()
     teacher = SMTC(cfg).eval()
     teacher.load_state_dict(student.state_dict())
@@ -138,7 +142,9 @@ def measure(args):
     if args.paired:  # head steps, kernels and references alternating in this one process (see main's --paired)
         times = {"kernels": [], "reference": []}
         for k in range(args.warmup + args.steps):
-            for side in ("kernels", "reference"):
+            # which side goes first alternates (ABBA...), so a cost that falls on a pair's first or second step
+            # (allocator state, caches) is not charged to one side
+            for side in (("kernels", "reference") if k % 2 == 0 else ("reference", "kernels")):
                 # use_kernel() reads this variable at every call, so the next step takes that side's ops
                 os.environ["SMTC_FAST_FORCE_REFERENCE"] = "1" if side == "reference" else "0"
                 t0 = time.perf_counter()
@@ -146,7 +152,28 @@ def measure(args):
                 if k >= args.warmup:
                     times[side].append(time.perf_counter() - t0)
         ratios = [r / k for k, r in zip(times["kernels"], times["reference"])]
-        print(json.dumps({"precision": precision.describe("cpu", args.amp), "head_s": times, "ratios": ratios}))
+        # The ceiling: the kernels' share of their step, from one profiled step. The time outside the smtc_fast
+        # operators (GEMMs, LayerNorms, glue: the same code on both sides) stays whatever the kernels do, so the
+        # ratio cannot exceed reference / that rest even if every op took no time at all.
+        os.environ["SMTC_FAST_FORCE_REFERENCE"] = "0"
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(True)
+        events = prof.events()
+        total = sum(e.self_cpu_time_total for e in events)
+
+        def in_op(e):  # inside an smtc_fast operator or its autograd node (forward or backward)
+            while e is not None:
+                if "smtc_fast" in e.name:
+                    return True
+                e = e.cpu_parent
+            return False
+
+        # inclusive: what an op runs inside (aten calls of its wrapper, the backward's allocations) is its time
+        ops = sum(e.self_cpu_time_total for e in events if in_op(e))
+        print(json.dumps({"precision": precision.describe("cpu", args.amp), "head_s": times, "ratios": ratios,
+                          "op_share": ops / total}))
         return
 
     times = {"full": [], "head": []}
@@ -172,10 +199,10 @@ def measure(args):
 def passthrough(args):
     """The measuring subprocess's arguments: the shape and timing options as given."""
     out = []
-    for key in ("backbone", "depth", "resolution", "batch", "frames", "slots", "instances", "steps", "warmup",
-                "threads"):
+    for key in ("backbone", "depth", "patch_size", "img_size", "resolution", "batch", "frames", "slots", "instances",
+                "steps", "warmup", "threads"):
         if getattr(args, key) is not None:
-            out += [f"--{key}", str(getattr(args, key))]
+            out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if not args.keep_cpu_memory:
         out.append("--no-keep-cpu-memory")
     return out
@@ -203,6 +230,19 @@ def write_json(args, summary, runs):
         print("wrote", args.json)
 
 
+# The model shapes the tests train and run (python_tests: test_model_smtc/test_model_train's tiny(), test_cpu_bf16's
+# small_model(), the ResNet test, test_eval_cli), each at the trainer tests' 2 clips of 4 frames: --test-shapes
+TEST_SHAPES = {
+    "vit-tiny/8 64^2 S4 P3": dict(backbone="vit_tiny_patch16_224", patch_size=8, img_size=64, depth=2,
+                                  resolution=64, slots=4, instances=3),
+    "vit-small/16 64^2 S4 P3": dict(backbone="vit_small_patch16_224", depth=2, resolution=64, slots=4, instances=3),
+    "vit-small/16 64^2 S4 P2": dict(backbone="vit_small_patch16_224", depth=1, resolution=64, slots=4, instances=2),
+    "resnet50/8 64^2 S4 P2": dict(backbone="resnet50", resolution=64, slots=4, instances=2),
+    "vit-small/16 64^2 S16 P4": dict(backbone="vit_small_patch16_224", depth=1, resolution=64, slots=16,
+                                     instances=4),
+}
+
+
 def paired(args):
     """--paired: the head step's kernels / references ratio, pair by pair (see the option's help)."""
     precisions = []
@@ -210,33 +250,47 @@ def paired(args):
         precisions.append("float32")
     if {"bf16", "reference-bf16"} & set(args.modes):
         precisions.append("bf16")
-    results = {p: [] for p in precisions}
-    for _ in range(args.rounds):
-        for prec in precisions:
-            amp = ["--amp"] if prec == "bf16" else []
-            results[prec].append(run_measure(prec, [*passthrough(args), "--head-only", "--paired", *amp]))
+    shapes = {"as given": {}}
+    if args.test_shapes:
+        shapes = {name: dict(shape, batch=2, frames=4, depth=shape.get("depth")) for name, shape in TEST_SHAPES.items()}
+    results = {(name, p): [] for name in shapes for p in precisions}
+    for name, shape in shapes.items():
+        shape_args = argparse.Namespace(**{**vars(args), **shape})
+        for _ in range(args.rounds):
+            for prec in precisions:
+                amp = ["--amp"] if prec == "bf16" else []
+                results[name, prec].append(run_measure(prec, [*passthrough(shape_args), "--head-only", "--paired",
+                                                              *amp]))
     summary = {}
-    print(f"{'precision':<10} {'pairs':>5} {'kernels ms':>11} {'reference ms':>13} {'ratio median':>13} "
-          f"{'min':>6} {'max':>6}  pairs >= 2x")
-    for prec, runs in results.items():
+    width = max(len(name) for name in shapes)
+    print(f"{'shape':<{width}} {'precision':<10} {'pairs':>5} {'kernels ms':>11} {'reference ms':>13} "
+          f"{'ratio median':>13} {'min':>6} {'max':>6}  >=2x     ops %  ceiling")
+    for (name, prec), runs in results.items():
         ratios = [r for run in runs for r in run["ratios"]]
         kern = [t for run in runs for t in run["head_s"]["kernels"]]
         ref = [t for run in runs for t in run["head_s"]["reference"]]
-        summary[prec] = {"pairs": len(ratios), "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-                         "ratio_max": max(ratios), "kernels_head_s_median": statistics.median(kern),
-                         "reference_head_s_median": statistics.median(ref),
-                         "pairs_at_least_2x": sum(r >= 2 for r in ratios), "precision": runs[0]["precision"]}
-        s = summary[prec]
-        print(f"{prec:<10} {s['pairs']:5d} {1e3 * s['kernels_head_s_median']:11.1f} "
+        share = statistics.median(run["op_share"] for run in runs)
+        s = {"pairs": len(ratios), "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+             "ratio_max": max(ratios), "kernels_head_s_median": statistics.median(kern),
+             "reference_head_s_median": statistics.median(ref), "pairs_at_least_2x": sum(r >= 2 for r in ratios),
+             "precision": runs[0]["precision"], "op_share": share,
+             "ceiling": statistics.median(ref) / (statistics.median(kern) * (1 - share))}
+        summary[prec if name == "as given" else f"{name} {prec}"] = s
+        print(f"{name:<{width}} {prec:<10} {s['pairs']:5d} {1e3 * s['kernels_head_s_median']:11.1f} "
               f"{1e3 * s['reference_head_s_median']:13.1f} {s['ratio_median']:13.3f} {s['ratio_min']:6.3f} "
-              f"{s['ratio_max']:6.3f}  {s['pairs_at_least_2x']}/{s['pairs']}")
-    write_json(args, summary, results)
+              f"{s['ratio_max']:6.3f}  {s['pairs_at_least_2x']:>3}/{s['pairs']:<3} {100 * share:8.1f}% "
+              f"{s['ceiling']:8.2f}x")
+    print("ops % = the smtc_fast operators' share of the kernels' head step (one profiled step); ceiling = "
+          "reference / (kernels' step without them): the ratio if every op took no time")
+    write_json(args, summary, {f"{name} {prec}": runs for (name, prec), runs in results.items()})
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="vit_small_patch16_224")
     parser.add_argument("--depth", type=int, default=None, help="override the ViT depth (default: 12)")
+    parser.add_argument("--patch-size", type=int, default=None, help="override the ViT patch size")
+    parser.add_argument("--img-size", type=int, default=None, help="override the ViT's pos-embed image size")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2, help="clips per step")
     parser.add_argument("--frames", type=int, default=4)
@@ -261,6 +315,9 @@ def main():
                         help="head step only: per precision, one process per round runs kernel and reference steps "
                              "alternately and reports the ratio of each adjacent pair (robust to a shared machine's "
                              "slow phases, which last longer than a step)")
+    parser.add_argument("--test-shapes", action="store_true",
+                        help="with --paired: run it at each model shape the tests use (TEST_SHAPES), 2 clips of 4 "
+                             "frames, instead of the shape given")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
