@@ -218,9 +218,11 @@ def test_cpp_rejects_bf16_values_with_float64_logits(op):
 # bf16 values with float32 logits: the values of a bf16 forward (the slot attention's v under --amp). The CPU kernel
 # reads the bf16 directly and widens each one exactly, so its results must be the float32 kernel's on
 # values.float() bit for bit, and the values' gradient that float32 gradient rounded to bf16 (what autograd gives
-# bf16 values that were cast up). D = 48 and 33 have tails past the 16-float vectors; D = 384 is SMTC's.
+# bf16 values that were cast up). D = 48 and 33 have tails past the 16-float vectors; D = 384 is SMTC's; D = 100 and
+# 81 mix the 64-column blocks that widen bf16 in even/odd column pairs with 16-column blocks and a tail, under 6
+# and 5 rows (a 4-row block and a shorter one).
 BF16_VALUE_CASES = [(4, 16, None, 256, 384), (4, 16, 4, 256, 384), (2, 5, 3, 7 * 9, 33), (3, 7, None, 7 * 9, 48),
-                    (2, 3, 5, 19, 13)]
+                    (2, 3, 5, 19, 13), (2, 6, None, 40, 100), (2, 3, 5, 50, 81)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
