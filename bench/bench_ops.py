@@ -51,8 +51,11 @@ def make_case(op, impl, quick, device):
         l1 = torch.randn(B, S, N, generator=g).to(device)
         l2 = torch.randn(B, S, P, N, generator=g).to(device)
         v = torch.randn(B, N, D, generator=g).to(device)
+        if impl == "kernel_bf16_values":  # v as `--amp` gives it: bf16 values, float32 logits
+            v = v.bfloat16()
         mask = (l1 > 0.3).float()
-        agg = {"kernel": ops.slot_aggregate, "reference": ops.slot_aggregate_reference}.get(impl)
+        agg = {"kernel": ops.slot_aggregate, "kernel_bf16_values": ops.slot_aggregate,
+               "reference": ops.slot_aggregate_reference}.get(impl)
         if impl == "compiled_reference":
             agg = torch.compile(ops.slot_aggregate_reference, dynamic=False)
 
@@ -249,6 +252,7 @@ PLAN = [  # (op, impl, passes)
     ("correlation", "kernel", ("fwd", "fwdbwd")),
     ("correlation", "reference", ("fwd", "fwdbwd")),
     ("slot_aggregate", "kernel", ("fwd", "fwdbwd")),
+    ("slot_aggregate", "kernel_bf16_values", ("fwd", "fwdbwd")),
     ("slot_aggregate", "reference", ("fwd", "fwdbwd")),
     ("slot_aggregate", "compiled_reference", ("fwd", "fwdbwd")),
     ("sinkhorn", "kernel", ("fwd", "fwdbwd")),
