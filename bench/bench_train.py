@@ -252,7 +252,9 @@ def paired(args):
         precisions.append("bf16")
     shapes = {"as given": {}}
     if args.test_shapes:
-        shapes = {name: dict(shape, batch=2, frames=4, depth=shape.get("depth")) for name, shape in TEST_SHAPES.items()}
+        # each shape sets its whole model: the overrides it leaves out are the model's own, not the command line's
+        shapes = {name: dict(dict(depth=None, patch_size=None, img_size=None, batch=2, frames=4), **shape)
+                  for name, shape in TEST_SHAPES.items()}
     results = {(name, p): [] for name in shapes for p in precisions}
     for name, shape in shapes.items():
         shape_args = argparse.Namespace(**{**vars(args), **shape})

@@ -162,9 +162,9 @@ template <typename T> SMTC_ALWAYS_INLINE void vstore(T* p, const typename Vec<T>
 // float32 on load, so that every product and sum is the float32 kernel's on values.float(), bit for bit, from
 // half the bytes (the contractions stream each frame's values from memory: SMTC's stage 2 reads them 3 x 2 times
 // per forward).
+typedef uint32_t Word16 __attribute__((vector_size(64)));  // 16 float32 bit patterns (32 bf16 values as pairs)
 SMTC_ALWAYS_INLINE Vec<float>::type vload_bf16(const uint16_t* p) {
   typedef uint16_t Half16 __attribute__((vector_size(32)));
-  typedef uint32_t Word16 __attribute__((vector_size(64)));
   Half16 h;
   std::memcpy(&h, p, sizeof(h));
   const Word16 w = __builtin_convertvector(h, Word16) << 16;  // bf16 bits are float32's top 16 bits
@@ -179,7 +179,6 @@ SMTC_ALWAYS_INLINE Vec<float>::type vload_bf16(const uint16_t* p) {
 // shift and one mask widen them, with no cross-lane shuffle: vload_bf16's zero-extension runs on the shuffle port,
 // which the FMAs share, and cost the bf16 contraction ~40% of its speed against float32 values.
 SMTC_ALWAYS_INLINE void vload_bf16_pair(const uint16_t* p, Vec<float>::type& even, Vec<float>::type& odd) {
-  typedef uint32_t Word16 __attribute__((vector_size(64)));
   Word16 w;
   std::memcpy(&w, p, sizeof(w));
   const Word16 e = w << 16, o = w & 0xFFFF0000u;
